@@ -1,0 +1,1 @@
+"""Everything that prunes: prompts, channel groups, hypernetwork, score masks, baselines, extraction, FLOPs."""

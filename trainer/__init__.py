@@ -1,0 +1,1 @@
+"""Everything that trains: config, data, models, engines, the loop, checkpoints and stages."""

@@ -1,0 +1,44 @@
+"""`launch.py --help`: groups with their options, then every key with its default and meaning."""
+from __future__ import annotations
+
+import dataclasses
+
+from .load import CONFIGS_DIR, group_options, load_config
+from .schema import GROUPS, RootConfig
+
+USAGE = """usage: python slurm/launch.py [key=value ...]
+
+Runs the stages of a pruning run. Every setting is a key=value override;
+group=option picks configs/<group>/<option>.yaml. Examples:
+  python slurm/launch.py                                   # dense training on the embedded synthetic data
+  python slurm/launch.py stage=dense model=resnet18 data=imagefolder data.train_dir=/data/cifar10/train
+  python slurm/launch.py stage=eval run=<name> data.val_dir=/data/other_val
+  torchrun --nproc_per_node 2 slurm/launch.py stage=dense   # several local processes (DDP)
+Flags: --help (this text).  Outputs go to <runs_dir>/<run>/<stage>/.
+"""
+
+
+def _rows(cls, values, prefix=""):
+    for f in dataclasses.fields(cls):
+        value = values[f.name]
+        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None) or hasattr(value, "keys"):
+            sub = type(getattr(RootConfig(), f.name)) if not prefix else None
+            yield from _rows(sub, value, f"{prefix}{f.name}.")
+        else:
+            shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else value
+            yield f"{prefix}{f.name}", shown, f.metadata.get("help", "")
+
+
+def help_text() -> str:
+    lines = [USAGE, "Groups (group=option; default marked *):"]
+    cfg = load_config([])
+    for group in GROUPS:
+        options = [o + ("*" if o == cfg[group].name else "") for o in group_options(group)]
+        lines.append(f"  {group:<9} {', '.join(options)}")
+    lines.append("\nKeys (defaults shown for the default groups):")
+    for key, value, text in _rows(RootConfig, cfg):
+        if key.endswith(".name") and key.split(".")[0] in GROUPS:
+            continue  # set through the group token
+        lines.append(f"  {key}={value}" + (f"\n      {text}" if text else ""))
+    lines.append(f"\nConfig files: {CONFIGS_DIR}")
+    return "\n".join(lines)

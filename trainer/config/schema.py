@@ -1,0 +1,143 @@
+"""Typed schema of every configuration key.
+
+The dataclasses below are the single source of truth for which keys exist,
+their types and defaults. `load.py` builds an omegaconf structured config from
+them, so a misspelled key or a value of the wrong type is rejected before any
+work starts. `help` metadata feeds `launch.py --help`. Values that must come
+from a fixed set are listed in CHOICES and checked in `validate.py`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+GROUPS = ("model", "data", "method", "engine", "cluster")
+STAGES = ("dense", "search", "finetune", "eval", "all")
+
+
+def _f(default, help: str):
+    """A field with a help string (mutable defaults go through default_factory)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("resnet18", "architecture (set by the model= group)")
+    weights: Optional[str] = _f(None, "none, a torchvision weights name (IMAGENET1K_V1, DEFAULT, ...) or a checkpoint path")
+
+
+@dataclass
+class DataConfig:
+    name: str = _f("synthetic", "dataset kind (set by the data= group)")
+    train_dir: Optional[str] = _f(None, "ImageFolder training tree (data=imagefolder|imagenet)")
+    val_dir: Optional[str] = _f(None, "ImageFolder validation tree; without it a seeded per-class split is carved from train_dir")
+    split_seed: int = _f(0, "seed of the carved validation split (kept apart from `seed` so the split stays fixed)")
+    val_fraction: float = _f(0.1, "fraction of each class carved out for validation when val_dir is not given")
+    res: int = _f(32, "training and evaluation resolution in pixels")
+    val_crop_ratio: float = _f(0.875, "center-crop side / shorter image side at evaluation (224/256)")
+    min_crop_scale: float = _f(0.35, "lower bound of the random-resized-crop area fraction (upper bound is 1)")
+    batch_size: int = _f(128, "GLOBAL batch size, split evenly over the processes")
+    num_workers: int = _f(2, "FFCV decoding threads per process")
+    beton_dir: str = _f("~/.cache/vp-prune/betons", "where .beton files are written and cached")
+    write_mode: str = _f("raw", "FFCV image storage: raw, jpg, smart or proportion")
+    max_resolution: Optional[int] = _f(None, "resize so the longer side is at most this when writing (none keeps size)")
+    jpeg_quality: int = _f(90, "JPEG quality when writing compressed images")
+    compress_probability: float = _f(0.5, "fraction of images stored as JPEG with write_mode=proportion")
+    synthetic_train_size: int = _f(6000, "images in the synthetic training split")
+    synthetic_val_size: int = _f(1000, "images in the synthetic validation split")
+    synthetic_image_size: int = _f(48, "side of the generated synthetic images")
+    synthetic_seed: int = _f(0, "seed the synthetic images are generated from (val uses a derived seed)")
+    num_classes: Optional[int] = _f(None, "synthetic only: number of classes (default 10)")
+
+
+@dataclass
+class MethodConfig:
+    name: str = _f("dense", "pruning method (set by the method= group)")
+
+
+@dataclass
+class EngineConfig:
+    name: str = _f("ddp", "distributed engine (set by the engine= group)")
+    backend: str = _f("auto", "process-group backend: auto (nccl on GPU, gloo on CPU), gloo or nccl")
+    precision: str = _f("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32")
+    channels_last: Optional[bool] = _f(None, "channels_last memory format; null: on GPU only")
+    sync_bn: bool = _f(False, "convert BatchNorm to SyncBatchNorm when several processes train")
+    device: str = _f("auto", "auto, cpu or cuda")
+
+
+@dataclass
+class ClusterConfig:
+    name: str = _f("local", "where jobs run (set by the cluster= group)")
+
+
+@dataclass
+class PruningConfig:
+    flops_ratio: float = _f(0.5, "structured methods: kept FLOPs / dense FLOPs")
+    density: float = _f(0.1, "unstructured methods: kept weights / all scored weights")
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = _f(8, "training epochs of this stage")
+    lr: float = _f(0.1, "peak learning rate")
+    optimizer: str = _f("sgd", "sgd or adamw")
+    momentum: float = _f(0.9, "SGD momentum")
+    nesterov: bool = _f(False, "Nesterov momentum for SGD")
+    weight_decay: float = _f(5e-4, "weight decay")
+    schedule: str = _f("cosine", "learning-rate schedule: cosine, step or constant")
+    warmup_epochs: float = _f(0.0, "linear warm-up length in epochs (fractions allowed)")
+    step_size: int = _f(30, "schedule=step: epochs between 10x decays")
+    label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy loss")
+    grad_clip: float = _f(0.0, "clip the gradient norm to this (0 disables)")
+
+
+def _schedule(**kw) -> ScheduleConfig:
+    return field(default_factory=lambda: ScheduleConfig(**kw), metadata={"help": ""})
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = _f(500, "also checkpoint every N optimizer steps (0: only at epoch ends)")
+    keep: int = _f(2, "older checkpoints kept besides last.pt (fallbacks if last.pt is damaged)")
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = _f(50, "write a train record to metrics.jsonl every N steps")
+    progress: bool = _f(True, "tqdm progress bars on rank 0")
+
+
+@dataclass
+class RootConfig:
+    stage: str = _f("all", "dense | search | finetune | eval | all")
+    run: Optional[str] = _f(None, "run name: runs/<run>/ (default: derived from the groups and overrides)")
+    runs_dir: str = _f("runs", "parent directory of run directories")
+    seed: int = _f(0, "seed for initialisation, data order and augmentation")
+    resume: str = _f("auto", "auto: continue from the last good checkpoint; never: start the stage over")
+    print_config: bool = _f(False, "print the resolved config and exit")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    dense: ScheduleConfig = _schedule(epochs=8, lr=0.1, optimizer="sgd", weight_decay=5e-4)
+    search: ScheduleConfig = _schedule(epochs=3, lr=1e-3, optimizer="adamw", weight_decay=1e-2)
+    finetune: ScheduleConfig = _schedule(epochs=5, lr=0.01, optimizer="sgd", weight_decay=1e-4)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# Keys whose value must be one of a fixed set (checked after merging).
+_SCHEDULE_CHOICES = {"optimizer": ("sgd", "adamw"), "schedule": ("cosine", "step", "constant")}
+CHOICES = {
+    "stage": STAGES,
+    "resume": ("auto", "never"),
+    "engine.backend": ("auto", "gloo", "nccl"),
+    "engine.precision": ("auto", "bf16", "fp32"),
+    "engine.device": ("auto", "cpu", "cuda"),
+    "data.write_mode": ("raw", "jpg", "smart", "proportion"),
+    **{f"{s}.{k}": v for s in ("dense", "search", "finetune") for k, v in _SCHEDULE_CHOICES.items()},
+}

@@ -1,0 +1,97 @@
+"""FFCV loaders: augmented, seeded, resumable training batches and exact sharded evaluation.
+
+Both yield `(images, labels, indices)`: uint8 NCHW images on the device (the
+model normalises them, so a visual prompt can act on [0, 1] pixels first),
+int64 labels on the device, and the records' indices on the CPU.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+from ffcv.loader import Loader, OrderOption
+from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+
+from .augment import SeededHorizontalFlip, SeededRandomResizedCrop
+
+
+class ResumableOrder:
+    """Wraps FFCV's epoch order so an epoch can start at batch `skip_batches`.
+
+    The batches after the skipped ones are exactly those of the uninterrupted
+    epoch, so a run killed mid-epoch replays nothing and misses nothing.
+    """
+
+    def __init__(self, inner, batch_size: int, drop_last: bool):
+        self.inner, self.batch_size, self.drop_last = inner, batch_size, drop_last
+        self.skip_batches = 0
+
+    def sample_order(self, epoch: int):
+        order = self.inner.sample_order(epoch)
+        if self.drop_last:
+            order = order[: len(order) // self.batch_size * self.batch_size]
+        return order[self.skip_batches * self.batch_size:]
+
+
+def _label_pipeline(device):
+    return [IntDecoder(), ToTensor(), Squeeze(), ToDevice(device, non_blocking=True)]
+
+
+def _image_tail(device, channels_last: bool):
+    return [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=channels_last)]
+
+
+class TrainLoader:
+    """Random order seeded per epoch, reproducible random-resized-crop + flip, resumable mid-epoch."""
+
+    def __init__(self, path: Path, *, res: int, batch_size: int, num_workers: int, seed: int,
+                 device: torch.device, distributed: bool, min_crop_scale: float = 0.08,
+                 channels_last: bool = False):
+        self.batch_size = batch_size
+        self.loader = Loader(
+            str(path), batch_size=batch_size, num_workers=num_workers,
+            order=OrderOption.RANDOM, seed=seed, distributed=distributed, drop_last=True,
+            os_cache=True,
+            pipelines={
+                "image": [SeededRandomResizedCrop((res, res), seed, scale=(min_crop_scale, 1.0)),
+                          SeededHorizontalFlip(seed), *_image_tail(device, channels_last)],
+                "label": _label_pipeline(device),
+                "index": [IntDecoder(), ToTensor(), Squeeze()],
+            })
+        self.order = ResumableOrder(self.loader.traversal_order, batch_size, drop_last=True)
+        self.loader.traversal_order = self.order
+
+    def __len__(self) -> int:
+        """Batches in a full epoch on this process."""
+        return len(self.loader)
+
+    def epoch(self, epoch: int, skip_batches: int = 0):
+        """Iterate the batches of `epoch` from `skip_batches` on."""
+        self.order.skip_batches = skip_batches
+        self.loader.next_epoch = epoch
+        return iter(self.loader)
+
+
+def val_loader(path: Path, *, res: int, batch_size: int, num_workers: int, device: torch.device,
+               rank: int, world_size: int, crop_ratio: float = 0.875,
+               channels_last: bool = False) -> Loader:
+    """Center-crop evaluation over this rank's share of the records.
+
+    The shares are disjoint strides of the file, not FFCV's distributed
+    sampler, which pads with repeated samples: summed over ranks every record
+    counts exactly once.
+    """
+    from ffcv.reader import Reader  # only to learn the record count
+    num = Reader(str(path)).num_samples
+    indices = np.arange(rank, num, world_size, dtype=np.uint64)  # int64 would mix into float64 inside FFCV
+    return Loader(
+        str(path), batch_size=batch_size, num_workers=num_workers, order=OrderOption.SEQUENTIAL,
+        indices=indices, drop_last=False, os_cache=True,
+        pipelines={
+            "image": [CenterCropRGBImageDecoder((res, res), ratio=crop_ratio), *_image_tail(device, channels_last)],
+            "label": _label_pipeline(device),
+            "index": [IntDecoder(), ToTensor(), Squeeze()],
+        })

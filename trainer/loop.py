@@ -1,0 +1,152 @@
+"""The training loop: epochs of engine steps, evaluation, metrics and resumable checkpoints.
+
+It knows nothing about pruning methods or distribution: a stage hands it the
+module, the parameters to train, a loss and a schedule; the engine hides
+DDP or DeepSpeed. Checkpoints carry everything needed to continue exactly
+where a killed run stopped, mid-epoch included: engine state (model,
+optimizer, schedule), epoch, the next batch, running epoch meters, history,
+RNG state and elapsed wall time.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from .checkpoint import CheckpointStore
+from .engines import Engine
+from .metrics import MetricsLog, topk_correct
+from .optim import make_optimizer, make_scheduler
+
+
+@dataclass
+class FitResult:
+    history: list = field(default_factory=list)   # one record per finished epoch
+    final: dict = field(default_factory=dict)     # last evaluation
+    images_per_second: float = 0.0                # median over epochs, all processes together
+    wall_seconds: float = 0.0                     # across restarts
+    resumed_from: str | None = None
+
+
+@torch.no_grad()
+def evaluate(engine: Engine, model: torch.nn.Module, loader, loss_fn=None) -> dict:
+    """Top-1/top-5 (in %) and mean loss over every validation record, summed over processes."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=engine.device)  # loss, top1, top5, count
+    for images, labels, _ in loader:
+        with engine.autocast():
+            logits = model(images)
+        c1, c5 = topk_correct(logits, labels)
+        loss = loss_fn(logits.float(), labels) * len(labels) if loss_fn else torch.zeros((), device=engine.device)
+        sums += torch.stack([loss.double(), c1.double(), c5.double(),
+                             torch.tensor(float(len(labels)), device=engine.device, dtype=torch.float64)])
+    engine.all_reduce_sum(sums)
+    model.train(was_training)
+    n = max(1.0, sums[3].item())
+    return {"top1": 100 * sums[1].item() / n, "top5": 100 * sums[2].item() / n,
+            "loss": sums[0].item() / n, "count": int(sums[3].item())}
+
+
+def _say(engine: Engine, msg: str) -> None:
+    if engine.is_main:
+        tqdm.write(msg, file=sys.stdout)
+
+
+def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig, train_loader,
+        val_loader, stage_dir: Path, checkpoint_cfg: DictConfig, log_cfg: DictConfig,
+        loss_fn: Callable, resume: bool, desc: str) -> FitResult:
+    """Train `params` of `model` for `schedule.epochs`, resuming from the stage's checkpoints if any."""
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training set has fewer images than one batch per process "
+                         f"({train_loader.batch_size}); lower data.batch_size")
+    optimizer = make_optimizer(params, schedule)
+    engine.wrap(model, optimizer, make_scheduler(optimizer, schedule, steps_per_epoch))
+    store = CheckpointStore(stage_dir / "checkpoints", keep=checkpoint_cfg.keep)
+    log = MetricsLog(stage_dir / "metrics.jsonl", enabled=engine.is_main)
+
+    epoch, batch, step, elapsed = 0, 0, 0, 0.0
+    meters = torch.zeros(3, dtype=torch.float64, device=engine.device)  # loss sum, correct, count
+    history: list[dict] = []
+    result = FitResult()
+    ckpt = store.load_latest(log=lambda m: _say(engine, m)) if resume else None
+    if ckpt is not None:
+        engine.load_state_dict(ckpt["engine"])
+        epoch, batch, step, elapsed = ckpt["epoch"], ckpt["batch"], ckpt["step"], ckpt["elapsed"]
+        history = ckpt["history"]
+        torch.set_rng_state(ckpt["rng"])
+        if engine.is_main:  # the saved meters are already summed over processes
+            meters = ckpt["meters"].to(engine.device)
+        log.truncate_after(step)
+        result.resumed_from = ckpt["_path"]
+        _say(engine, f"{desc}: resumed from {ckpt['_path']} at epoch {epoch + 1}, batch {batch} (step {step})")
+    else:
+        log.truncate_after(0)
+    session_start = time.time()
+
+    def save(next_epoch: int, next_batch: int, epoch_meters: torch.Tensor) -> None:
+        summed = engine.all_reduce_sum(epoch_meters.clone())  # collective: every rank calls save
+        if engine.is_main:
+            store.save({"engine": engine.state_dict(), "epoch": next_epoch, "batch": next_batch, "step": step,
+                        "meters": summed.cpu(), "history": history, "rng": torch.get_rng_state(),
+                        "elapsed": elapsed + time.time() - session_start, "world_size": engine.world_size},
+                       step)
+        engine.barrier()
+
+    interactive = sys.stderr.isatty()
+    for epoch in range(epoch, schedule.epochs):
+        model.train()
+        start_batch, seen, t0 = batch, 0, time.time()
+        bar = tqdm(train_loader.epoch(epoch, start_batch), total=steps_per_epoch, initial=start_batch,
+                   desc=f"{desc} {epoch + 1}/{schedule.epochs}", disable=not (engine.is_main and log_cfg.progress),
+                   mininterval=1 if interactive else 30, dynamic_ncols=True, leave=False)
+        for batch, (images, labels, _) in enumerate(bar, start=start_batch):
+            with engine.autocast():
+                logits = engine.module(images)
+                loss = loss_fn(logits.float(), labels)
+            engine.backward(loss)
+            engine.step(schedule.grad_clip)
+            step += 1
+            seen += len(labels)
+            meters += torch.stack([loss.detach().double() * len(labels), topk_correct(logits, labels, ks=(1,))[0].double(),
+                                   torch.tensor(float(len(labels)), device=engine.device, dtype=torch.float64)])
+            if step % log_cfg.every_steps == 0:
+                running = engine.all_reduce_sum(meters.clone())
+                record = {"kind": "train", "step": step, "epoch": epoch + (batch + 1) / steps_per_epoch,
+                          "loss": running[0].item() / running[2].item(), "lr": engine.scheduler.get_last_lr()[0]}
+                log.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+            if checkpoint_cfg.every_steps and step % checkpoint_cfg.every_steps == 0 and batch + 1 < steps_per_epoch:
+                save(epoch, batch + 1, meters)
+        bar.close()
+        seconds = time.time() - t0
+        train = engine.all_reduce_sum(meters.clone())
+        val = evaluate(engine, engine.module, val_loader, loss_fn)
+        record = {"kind": "epoch", "step": step, "epoch": epoch + 1,
+                  "train_loss": train[0].item() / train[2].item(), "train_top1": 100 * train[1].item() / train[2].item(),
+                  "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
+                  "lr": engine.scheduler.get_last_lr()[0], "epoch_seconds": seconds,
+                  "images_per_second": seen * engine.world_size / max(seconds, 1e-9)}
+        history.append(record)
+        log.write(record)
+        _say(engine, f"{desc} epoch {epoch + 1}/{schedule.epochs}: loss {record['train_loss']:.4f}  "
+                     f"val top-1 {val['top1']:.2f}%  top-5 {val['top5']:.2f}%  {record['images_per_second']:.0f} img/s")
+        batch = 0
+        meters.zero_()
+        save(epoch + 1, 0, meters)
+
+    result.history = history
+    result.final = evaluate(engine, engine.module, val_loader, loss_fn) if not history else {
+        "top1": history[-1]["val_top1"], "top5": history[-1]["val_top5"], "loss": history[-1]["val_loss"]}
+    speeds = [h["images_per_second"] for h in history]
+    result.images_per_second = statistics.median(speeds) if speeds else 0.0
+    result.wall_seconds = elapsed + time.time() - session_start
+    return result

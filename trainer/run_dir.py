@@ -1,0 +1,62 @@
+"""The run directory contract (see DESIGN.md):
+
+    runs/<run>/config.yaml                the resolved config, written once
+    runs/<run>/<stage>/checkpoints/       last.pt and a few older ones
+    runs/<run>/<stage>/metrics.jsonl      one record per logged step / epoch
+    runs/<run>/<stage>/result/            the stage's product; its existence means "done"
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class RunDir:
+    def __init__(self, runs_dir: str | Path, run: str):
+        self.root = Path(runs_dir).expanduser() / run
+        self.name = run
+
+    def stage(self, stage: str) -> Path:
+        return self.root / stage
+
+    def result(self, stage: str) -> Path:
+        return self.stage(stage) / "result"
+
+    def is_done(self, stage: str) -> bool:
+        return (self.result(stage) / "summary.json").exists()
+
+    def summary(self, stage: str) -> dict:
+        return json.loads((self.result(stage) / "summary.json").read_text())
+
+    def write_config(self, cfg: DictConfig) -> None:
+        """Write config.yaml the first time only: it records how the run was created."""
+        path = self.root / "config.yaml"
+        if not path.exists():
+            self.root.mkdir(parents=True, exist_ok=True)
+            _atomic_text(path, OmegaConf.to_yaml(cfg))
+
+    def publish(self, stage: str, write_files) -> Path:
+        """Fill a fresh directory with `write_files(dir)`, then rename it to result/ in one step."""
+        final = self.result(stage)
+        tmp = final.with_name(f".result.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write_files(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return final
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    _atomic_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")

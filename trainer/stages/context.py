@@ -1,0 +1,49 @@
+"""What every stage receives: config, engine, run directory, and shared helpers."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from ..data import DataFiles, TrainLoader, val_loader
+from ..engines import Engine
+from ..run_dir import RunDir
+
+
+class StageNotImplemented(RuntimeError):
+    """The stage exists in the interface but its method is not built yet (one-line message)."""
+
+
+@dataclass
+class StageContext:
+    cfg: DictConfig
+    engine: Engine
+    run: RunDir
+
+    def say(self, msg: str) -> None:
+        if self.engine.is_main:
+            tqdm.write(msg, file=sys.stdout)
+
+    def per_process_batch(self) -> int:
+        total, world = self.cfg.data.batch_size, self.engine.world_size
+        if total % world:
+            raise ValueError(f"data.batch_size={total} is not divisible by the {world} processes")
+        return total // world
+
+    def train_loader(self, files: DataFiles) -> TrainLoader:
+        d = self.cfg.data
+        return TrainLoader(files.train, res=d.res, batch_size=self.per_process_batch(), num_workers=d.num_workers,
+                           seed=self.cfg.seed, device=self.engine.device, distributed=self.engine.world_size > 1,
+                           min_crop_scale=d.min_crop_scale, channels_last=self.engine.channels_last)
+
+    def val_loader(self, files: DataFiles):
+        d = self.cfg.data
+        return val_loader(files.val, res=d.res, batch_size=self.per_process_batch(), num_workers=d.num_workers,
+                          device=self.engine.device, rank=self.engine.rank, world_size=self.engine.world_size,
+                          crop_ratio=d.val_crop_ratio, channels_last=self.engine.channels_last)
+
+    def loss_fn(self, schedule: DictConfig):
+        return torch.nn.CrossEntropyLoss(label_smoothing=schedule.label_smoothing)

@@ -1,0 +1,38 @@
+"""Eval stage: score the run's newest product on the configured validation data."""
+from __future__ import annotations
+
+from ..data import prepare_data, prepare_eval_data
+from ..loop import evaluate
+from ..run_dir import write_json
+from .context import StageContext
+from .product import PRODUCT_FILE, load_product
+
+PRODUCT_STAGES = ("finetune", "dense")  # newest first
+
+
+def run_eval(ctx: StageContext) -> dict:
+    cfg, engine = ctx.cfg, ctx.engine
+    source = next((s for s in PRODUCT_STAGES if (ctx.run.result(s) / PRODUCT_FILE).exists()), None)
+    if source is None:
+        raise FileNotFoundError(f"run '{ctx.run.name}' has no trained network to evaluate yet "
+                                f"(looked in {', '.join(str(ctx.run.result(s)) for s in PRODUCT_STAGES)})")
+    model, blob = load_product(ctx.run.result(source))
+    model = engine.prepare_module(model)
+    if cfg.data.val_dir:
+        files = prepare_eval_data(cfg.data, tuple(blob["classes"]), is_writer=engine.is_main,
+                                  barrier=engine.barrier, log=ctx.say)
+    else:
+        files = prepare_data(cfg.data, is_writer=engine.is_main, barrier=engine.barrier, log=ctx.say)
+    if tuple(files.classes) != tuple(blob["classes"]):
+        raise ValueError(f"the validation data has classes {list(files.classes)[:3]}..., "
+                         f"the {source} network was trained on {blob['classes'][:3]}...")
+    metrics = evaluate(engine, model, ctx.val_loader(files))
+    summary = {"stage": "eval", "method": cfg.method.name, "model": blob["arch"], "product": source,
+               "top1": metrics["top1"], "top5": metrics["top5"], "num_images": metrics["count"],
+               "val_source": cfg.data.val_dir or f"{cfg.data.name} validation split", "res": cfg.data.res}
+    if engine.is_main:
+        ctx.run.publish("eval", lambda d: write_json(d / "summary.json", summary))
+        write_json(ctx.run.stage("eval") / "summary.json", summary)
+    ctx.say(f"eval: {source} network, top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}% "
+            f"on {summary['num_images']} images of {summary['val_source']}")
+    return summary

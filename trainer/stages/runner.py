@@ -1,0 +1,65 @@
+"""Run the requested stage(s) of a run in this process (one of possibly several DDP processes)."""
+from __future__ import annotations
+
+import time
+
+from omegaconf import DictConfig
+
+from ..distributed import detect_env
+from ..engines import make_engine
+from ..run_dir import RunDir
+from .context import StageContext, StageNotImplemented
+from .dense import run_dense
+from .evaluate import run_eval
+
+
+def _not_implemented(stage: str):
+    def run(ctx: StageContext):
+        raise StageNotImplemented(f"stage={stage} for method={ctx.cfg.method.name} is not implemented yet")
+    return run
+
+
+STAGE_FUNCTIONS = {"dense": run_dense, "search": _not_implemented("search"),
+                   "finetune": _not_implemented("finetune"), "eval": run_eval}
+
+
+def plan(cfg: DictConfig) -> list[str]:
+    """The stages `stage=...` stands for. Pruning starts from given weights or from the dense stage."""
+    if cfg.stage != "all":
+        return [cfg.stage]
+    if cfg.method.name == "dense":
+        return ["dense", "eval"]
+    pretrained = cfg.model.weights not in (None, "none")
+    return ([] if pretrained else ["dense"]) + ["search", "finetune", "eval"]
+
+
+def run_stages(cfg: DictConfig) -> dict:
+    """Run the planned stages; returns the last stage's summary. Done stages are skipped."""
+    engine = make_engine(cfg.engine, detect_env())
+    try:
+        if cfg.resume == "never":
+            stamp = engine.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
+            cfg.run = f"{cfg.run}-{stamp}"
+        run = RunDir(cfg.runs_dir, cfg.run)
+        if engine.is_main:
+            run.write_config(cfg)
+        engine.barrier()
+        ctx = StageContext(cfg, engine, run)
+        ctx.say(f"run '{cfg.run}' in {run.root}")
+        summary = {}
+        for stage in plan(cfg):
+            if stage != "eval" and run.is_done(stage):
+                ctx.say(f"{stage}: already done ({run.result(stage)}), skipping")
+                summary = run.summary(stage)
+                continue
+            summary = STAGE_FUNCTIONS[stage](ctx)
+            if stage != "eval":
+                ctx.say(f"{stage}: top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%  "
+                        f"{summary['params'] / 1e6:.2f} M params  {summary['flops'] / 1e6:.1f} M MACs  "
+                        f"{summary['images_per_second']:.0f} img/s  {summary['wall_seconds']:.0f} s  -> {run.result(stage)}")
+        return summary
+    finally:
+        engine.close()
+
+
+__all__ = ["run_stages", "plan", "StageNotImplemented"]
