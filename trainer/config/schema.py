@@ -37,6 +37,7 @@ class DataConfig:
     val_fraction: float = _f(0.1, "fraction of each class carved out for validation when val_dir is not given")
     res: int = _f(32, "training and evaluation resolution in pixels")
     val_crop_ratio: float = _f(0.875, "center-crop side / shorter image side at evaluation (224/256)")
+    augment: bool = _f(True, "random-resized-crop + flip for training (false: the evaluation center crop)")
     min_crop_scale: float = _f(0.35, "lower bound of the random-resized-crop area fraction (upper bound is 1)")
     batch_size: int = _f(128, "GLOBAL batch size, split evenly over the processes")
     num_workers: int = _f(2, "FFCV decoding threads per process")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..image_files import IMAGE_SUFFIXES, has_an_image
 from .load import ConfigError
 from .schema import CHOICES
 
@@ -50,6 +51,8 @@ def validate_config(cfg: DictConfig) -> None:
                 continue
             path = Path(value).expanduser()
             _require(path.is_dir(), f"data.{key}={value}: no such directory")
+            _require(has_an_image(path), f"data.{key}={value}: no images found "
+                     f"(expected {value}/<class>/<image> with one of {', '.join(IMAGE_SUFFIXES)})")
 
     for stage in ("dense", "search", "finetune"):
         s = cfg[stage]

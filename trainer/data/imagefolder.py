@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+from ..image_files import IMAGE_SUFFIXES, is_image
+
 
 
 class DataError(ValueError):
@@ -54,7 +55,7 @@ def scan_image_folder(root: str | Path, classes: tuple[str, ...] | None = None) 
     for name in found:
         for dirpath, _, files in sorted(os.walk(root / name, followlinks=True)):
             for f in sorted(files):
-                if f.lower().endswith(IMAGE_SUFFIXES):
+                if is_image(f):
                     paths.append(os.path.join(dirpath, f))
                     labels.append(index[name])
     if not paths:

@@ -14,25 +14,33 @@ from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+from torch.utils.data import DistributedSampler
 
 from .augment import SeededHorizontalFlip, SeededRandomResizedCrop
 
 
 class ResumableOrder:
-    """Wraps FFCV's epoch order so an epoch can start at batch `skip_batches`.
+    """The epoch order of one process, startable at batch `skip_batches`.
 
-    The batches after the skipped ones are exactly those of the uninterrupted
-    epoch, so a run killed mid-epoch replays nothing and misses nothing.
+    It is torch's DistributedSampler order (a seeded per-epoch permutation,
+    process r taking every world_size-th sample), which is also what FFCV's
+    distributed RANDOM order uses. Using it on a single process too means that
+    global batch b of a 1-process run is exactly the union of the processes'
+    batch b in an N-process run with the same global batch size. Skipped
+    batches are those of the uninterrupted epoch, so a run killed mid-epoch
+    replays nothing and misses nothing.
     """
 
-    def __init__(self, inner, batch_size: int, drop_last: bool):
-        self.inner, self.batch_size, self.drop_last = inner, batch_size, drop_last
+    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int, world_size: int):
+        self.sampler = DistributedSampler(range(num_samples), num_replicas=world_size, rank=rank,
+                                          shuffle=True, seed=seed, drop_last=False)
+        self.batch_size = batch_size
         self.skip_batches = 0
 
-    def sample_order(self, epoch: int):
-        order = self.inner.sample_order(epoch)
-        if self.drop_last:
-            order = order[: len(order) // self.batch_size * self.batch_size]
+    def sample_order(self, epoch: int) -> np.ndarray:
+        self.sampler.set_epoch(epoch)
+        order = np.fromiter(iter(self.sampler), dtype=np.uint64)
+        order = order[: len(order) // self.batch_size * self.batch_size]  # drop_last
         return order[self.skip_batches * self.batch_size:]
 
 
@@ -48,20 +56,24 @@ class TrainLoader:
     """Random order seeded per epoch, reproducible random-resized-crop + flip, resumable mid-epoch."""
 
     def __init__(self, path: Path, *, res: int, batch_size: int, num_workers: int, seed: int,
-                 device: torch.device, distributed: bool, min_crop_scale: float = 0.08,
-                 channels_last: bool = False):
+                 device: torch.device, rank: int = 0, world_size: int = 1, min_crop_scale: float = 0.08,
+                 augment: bool = True, crop_ratio: float = 0.875, channels_last: bool = False):
         self.batch_size = batch_size
+        if augment:
+            decode = [SeededRandomResizedCrop((res, res), seed, scale=(min_crop_scale, 1.0)), SeededHorizontalFlip(seed)]
+        else:
+            decode = [CenterCropRGBImageDecoder((res, res), ratio=crop_ratio)]
         self.loader = Loader(
             str(path), batch_size=batch_size, num_workers=num_workers,
-            order=OrderOption.RANDOM, seed=seed, distributed=distributed, drop_last=True,
+            order=OrderOption.RANDOM, seed=seed, distributed=world_size > 1, drop_last=True,
             os_cache=True,
             pipelines={
-                "image": [SeededRandomResizedCrop((res, res), seed, scale=(min_crop_scale, 1.0)),
-                          SeededHorizontalFlip(seed), *_image_tail(device, channels_last)],
+                "image": [*decode, *_image_tail(device, channels_last)],
                 "label": _label_pipeline(device),
                 "index": [IntDecoder(), ToTensor(), Squeeze()],
             })
-        self.order = ResumableOrder(self.loader.traversal_order, batch_size, drop_last=True)
+        # Replaces FFCV's order object (same distributed order; see ResumableOrder).
+        self.order = ResumableOrder(self.loader.reader.num_samples, batch_size, seed, rank, world_size)
         self.loader.traversal_order = self.order
 
     def __len__(self) -> int:

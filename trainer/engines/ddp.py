@@ -10,6 +10,8 @@ from .base import Engine
 class DDPEngine(Engine):
     def wrap(self, model, optimizer, scheduler) -> None:
         if self.world_size > 1 and self.cfg.sync_bn:
+            if self.device.type != "cuda":
+                raise ValueError("engine.sync_bn=true needs GPUs: torch's SyncBatchNorm has no CPU implementation")
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.raw = model
         self.optimizer, self.scheduler = optimizer, scheduler

@@ -36,8 +36,10 @@ class StageContext:
     def train_loader(self, files: DataFiles) -> TrainLoader:
         d = self.cfg.data
         return TrainLoader(files.train, res=d.res, batch_size=self.per_process_batch(), num_workers=d.num_workers,
-                           seed=self.cfg.seed, device=self.engine.device, distributed=self.engine.world_size > 1,
-                           min_crop_scale=d.min_crop_scale, channels_last=self.engine.channels_last)
+                           seed=self.cfg.seed, device=self.engine.device, rank=self.engine.rank,
+                           world_size=self.engine.world_size,
+                           min_crop_scale=d.min_crop_scale, augment=d.augment, crop_ratio=d.val_crop_ratio,
+                           channels_last=self.engine.channels_last)
 
     def val_loader(self, files: DataFiles):
         d = self.cfg.data
