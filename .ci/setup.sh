@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(pkg-config libopencv-dev libturbojpeg0-dev g++ slurm-wlm munge)
 VENV=.venv
-STAMP="$VENV/.setup-stamp"   # sha256 of pyproject.toml at the last successful install
+STAMP="$VENV/.setup-stamp"   # sha256 of pyproject.toml + constraints at the last successful install
 
 # 1. system packages
 if [[ "${SETUP_SKIP_APT:-0}" == 1 ]]; then
@@ -40,13 +40,13 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 
 # 3. project + pinned dependencies (only when pyproject.toml changed or imports fail)
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+want="$(cat pyproject.toml .ci/constraints.txt | sha256sum | cut -d' ' -f1)"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]] \
    && "$VENV/bin/python" -c "import trainer, ffcv, torch" 2>/dev/null; then
   echo "setup: venv up to date"
 else
   echo "setup: installing project into $VENV (pip install -e .; first time takes minutes)"
-  "$VENV/bin/python" -m pip install -e .
+  "$VENV/bin/python" -m pip install -e . -c .ci/constraints.txt
   echo "$want" > "$STAMP"
   echo "setup: venv ready"
 fi

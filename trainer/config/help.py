@@ -18,13 +18,14 @@ Flags: --help (this text).  Outputs go to <runs_dir>/<run>/<stage>/.
 """
 
 
-def _rows(cls, values, prefix=""):
-    for f in dataclasses.fields(cls):
-        value = values[f.name]
-        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None) or hasattr(value, "keys"):
-            sub = type(getattr(RootConfig(), f.name)) if not prefix else None
-            yield from _rows(sub, value, f"{prefix}{f.name}.")
+def _rows(defaults, values, prefix=""):
+    """(key, value, help) for every leaf key, walking the schema dataclasses."""
+    for f in dataclasses.fields(defaults):
+        child = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(child):
+            yield from _rows(child, values[f.name], f"{prefix}{f.name}.")
         else:
+            value = values[f.name]
             shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else value
             yield f"{prefix}{f.name}", shown, f.metadata.get("help", "")
 
@@ -36,9 +37,11 @@ def help_text() -> str:
         options = [o + ("*" if o == cfg[group].name else "") for o in group_options(group)]
         lines.append(f"  {group:<9} {', '.join(options)}")
     lines.append("\nKeys (defaults shown for the default groups):")
-    for key, value, text in _rows(RootConfig, cfg):
+    for key, value, text in _rows(RootConfig(), cfg):
         if key.endswith(".name") and key.split(".")[0] in GROUPS:
             continue  # set through the group token
+        if key == "run":
+            value = "null"  # derived per command: <model>-<data>-<method>[-<hash of overrides>]
         lines.append(f"  {key}={value}" + (f"\n      {text}" if text else ""))
     lines.append(f"\nConfig files: {CONFIGS_DIR}")
     return "\n".join(lines)

@@ -69,10 +69,6 @@ def _node(cfg: DictConfig, key: str):
     return node
 
 
-def _check_key_exists(cfg: DictConfig, key: str) -> None:
-    _node(cfg, key)
-
-
 def _type_name(cfg: DictConfig, key: str) -> str:
     node = _node(cfg, key)
     names = {"IntegerNode": "an integer", "FloatNode": "a number", "BooleanNode": "true or false",
@@ -85,8 +81,7 @@ def _apply(cfg: DictConfig, key: str, raw: str) -> None:
     if isinstance(_node(cfg, key), DictConfig):
         raise ConfigError(f"'{key}' is a section; set one of its keys, e.g. {key}.<key>=value")
     try:
-        OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={raw}"]))  # validate first
-        cfg.merge_with(OmegaConf.from_dotlist([f"{key}={raw}"]))
+        cfg.merge_with(OmegaConf.from_dotlist([f"{key}={raw}"]))  # the schema checks the type
     except OmegaConfBaseException:
         raise ConfigError(f"{key}={raw}: expected {_type_name(cfg, key)}") from None
 
@@ -94,9 +89,8 @@ def _apply(cfg: DictConfig, key: str, raw: str) -> None:
 def _merge_file(cfg: DictConfig, content: DictConfig, where: str, prefix: str = "") -> None:
     """Merge a config file, turning schema violations into ConfigErrors naming the file."""
     for key in _flat_keys(content):
-        full = f"{prefix}{key}"
         try:
-            _check_key_exists(cfg, full)
+            _node(cfg, f"{prefix}{key}")
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
     try:

@@ -116,7 +116,7 @@ class RootConfig:
     run: Optional[str] = _f(None, "run name: runs/<run>/ (default: derived from the groups and overrides)")
     runs_dir: str = _f("runs", "parent directory of run directories")
     seed: int = _f(0, "seed for initialisation, data order and augmentation")
-    resume: str = _f("auto", "auto: continue from the last good checkpoint; never: start the stage over")
+    resume: str = _f("auto", "auto: continue from the last good checkpoint; never: start a fresh run named <run>-<timestamp>")
     print_config: bool = _f(False, "print the resolved config and exit")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -1,6 +1,7 @@
 """Turn the configured dataset into cached train/val .beton files (written once, by one process)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from omegaconf import DictConfig
 
 from .beton import cache_key, image_field, write_beton
 from .imagefolder import DataError, ImageListDataset, scan_image_folder, split_per_class
+from . import synthetic
 from .synthetic import SyntheticImages
 
 DEFAULT_SYNTHETIC_CLASSES = 10
@@ -44,6 +46,11 @@ class _SyntheticRecords:
         return image, label, i
 
 
+def _generator_version() -> str:
+    """A change to the generator's code must not reuse betons written by the old one."""
+    return hashlib.sha1(Path(synthetic.__file__).read_bytes()).hexdigest()[:8]
+
+
 def _field(d: DictConfig):
     return image_field(d.write_mode, d.max_resolution, d.jpeg_quality, d.compress_probability)
 
@@ -75,7 +82,8 @@ def prepare_data(d: DictConfig, *, is_writer: bool, barrier: Callable[[], None] 
     beton_dir = Path(d.beton_dir).expanduser()
     if d.name == "synthetic":
         n_cls = d.num_classes or DEFAULT_SYNTHETIC_CLASSES
-        spec = dict(kind="synthetic", classes=n_cls, size=d.synthetic_image_size, seed=d.synthetic_seed,
+        spec = dict(kind="synthetic", generator=_generator_version(), classes=n_cls,
+                    size=d.synthetic_image_size, seed=d.synthetic_seed,
                     train=d.synthetic_train_size, val=d.synthetic_val_size, **_writer_settings(d))
         key = f"synthetic-{cache_key(**spec)}"
 
