@@ -64,6 +64,9 @@ def test_val_shards_cover_every_record_once(synthetic_files):
                                     rank=rank, world_size=3):
             seen += idx.tolist()
     assert sorted(seen) == list(range(200))
+    last = list(val_loader(synthetic_files.val, res=32, batch_size=199, num_workers=1, device=CPU,
+                           rank=0, world_size=1))[-1]
+    assert last[1].shape == (1,) and last[2].shape == (1,)  # a final batch of one stays 1-d
 
 
 def _free_port() -> int:

@@ -64,26 +64,26 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, beton_dir):
 # Two processes (torchrun, gloo) vs one, same global batch (64) and seed. Both see the same global
 # batches in the same order (tests/test_data.py checks that). With augmentation off the inputs are
 # identical too; what remains is that BatchNorm normalises over the 32 images of each process instead
-# of all 64 (SyncBatchNorm has no CPU kernel) and float summation order. Tolerance: 3 points of top-1
-# on the 400 validation images (seen: 57.0% vs 58.0%). (With augmentation on, the random crops also differ: we saw 49.5% vs
-# 46.75% after 8 epochs, too noisy for a test.)
-DDP_TOLERANCE = 3.0
+# of all 64 (SyncBatchNorm has no CPU kernel) and float summation order. Tolerance: 5 points of top-1
+# (seen: 56.36% vs 58.96% on these 385 validation images) and 10% of the final train loss (seen: 3%). With augmentation on, the random crops differ as
+# well and training at lr 0.1 is chaotic: we saw 49.5% vs 46.75%, too noisy for a test.
+DDP_TOLERANCE = 5.0
 
 
 def test_two_process_ddp_matches_single_process(tmp_path, beton_dir):
-    extra = ["dense.epochs=4", "dense.lr=0.02", "data.synthetic_train_size=1280", "data.synthetic_val_size=400",
-             "data.augment=false"]
+    extra = ["dense.epochs=4", "dense.lr=0.02", "data.synthetic_train_size=1280", "data.synthetic_val_size=385",
+             "data.augment=false"]  # 385 = 193 + 192 images: the ranks evaluate 7 and 6 batches
     one = launch(_dense_args(tmp_path / "one", beton_dir, *extra))
     assert one.returncode == 0, one.stderr[-2000:]
     two = launch(_dense_args(tmp_path / "two", beton_dir, *extra), torchrun=2)
     assert two.returncode == 0, two.stderr[-3000:]
     s1, s2 = read_json(tmp_path / "one/r/dense/result/summary.json"), read_json(tmp_path / "two/r/dense/result/summary.json")
     assert s2["world_size"] == 2 and s1["world_size"] == 1
-    assert s1["num_val"] == 400 and s1["top1"] > 30 and s2["top1"] > 30, (s1["top1"], s2["top1"])
+    assert s1["num_val"] == 385 and s1["top1"] > 30 and s2["top1"] > 30, (s1["top1"], s2["top1"])
     losses = [[e["train_loss"] for e in _epochs(tmp_path / d)] for d in ("one", "two")]
     print(f"top-1 one process {s1['top1']:.2f}%, two processes {s2['top1']:.2f}%; train losses {losses}")
     assert abs(s1["top1"] - s2["top1"]) <= DDP_TOLERANCE, (s1["top1"], s2["top1"])
-    assert abs(losses[0][-1] - losses[1][-1]) <= 0.1 * losses[0][-1], losses  # seen: 0.755 vs 0.777
+    assert abs(losses[0][-1] - losses[1][-1]) <= 0.1 * losses[0][-1], losses
 
 
 def test_stage_all_then_eval_on_another_val_dir(tmp_path, beton_dir):

@@ -37,7 +37,12 @@ class FitResult:
 
 @torch.no_grad()
 def evaluate(engine: Engine, model: torch.nn.Module, loader, loss_fn=None) -> dict:
-    """Top-1/top-5 (in %) and mean loss over every validation record, summed over processes."""
+    """Top-1/top-5 (in %) and mean loss over every validation record, summed over processes.
+
+    Pass the plain module, not the DDP wrapper: processes may hold one batch
+    more or less of the validation set, and a wrapper's per-forward collectives
+    would then wait forever.
+    """
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=engine.device)  # loss, top1, top5, count
@@ -129,7 +134,7 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
         bar.close()
         seconds = time.time() - t0
         train = engine.all_reduce_sum(meters.clone())
-        val = evaluate(engine, engine.module, val_loader, loss_fn)
+        val = evaluate(engine, engine.raw, val_loader, loss_fn)
         record = {"kind": "epoch", "step": step, "epoch": epoch + 1,
                   "train_loss": train[0].item() / train[2].item(), "train_top1": 100 * train[1].item() / train[2].item(),
                   "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
@@ -144,7 +149,7 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
         save(epoch + 1, 0, meters)
 
     result.history = history
-    result.final = evaluate(engine, engine.module, val_loader, loss_fn) if not history else {
+    result.final = evaluate(engine, engine.raw, val_loader, loss_fn) if not history else {
         "top1": history[-1]["val_top1"], "top5": history[-1]["val_top5"], "loss": history[-1]["val_loss"]}
     speeds = [h["images_per_second"] for h in history]
     result.images_per_second = statistics.median(speeds) if speeds else 0.0

@@ -6,6 +6,7 @@ int64 labels on the device, and the records' indices on the CPU.
 """
 from __future__ import annotations
 
+import queue
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,46 @@ class ResumableOrder:
 
 
 def _label_pipeline(device):
-    return [IntDecoder(), ToTensor(), Squeeze(), ToDevice(device, non_blocking=True)]
+    # Squeeze(1), not Squeeze(): a last batch of one image must stay a 1-d tensor.
+    return [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)]
+
+
+def _index_pipeline():
+    return [IntDecoder(), ToTensor(), Squeeze(1)]
+
+
+def _fail_loudly(epoch_iterator):
+    """Make a dead FFCV loader thread an error instead of a hang.
+
+    FFCV decodes in a background thread; if it raises, its consumer waits on
+    the output queue forever (and in DDP the other processes wait with it).
+    Polling the queue with a timeout lets us notice the thread is gone.
+    """
+    out, blocking_get = epoch_iterator.output_queue, epoch_iterator.output_queue.get
+
+    def get(block=True, timeout=None):
+        while True:
+            try:
+                return blocking_get(timeout=2.0)
+            except queue.Empty:
+                if not epoch_iterator.is_alive() and out.empty():
+                    raise RuntimeError("the FFCV loader thread stopped with an error (see the exception printed above)") from None
+
+    out.get = get
+    return epoch_iterator
+
+
+class _Guarded:
+    """An FFCV loader whose iterators fail loudly (see _fail_loudly)."""
+
+    def __init__(self, loader: Loader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return _fail_loudly(iter(self.loader))
 
 
 def _image_tail(device, channels_last: bool):
@@ -70,7 +110,7 @@ class TrainLoader:
             pipelines={
                 "image": [*decode, *_image_tail(device, channels_last)],
                 "label": _label_pipeline(device),
-                "index": [IntDecoder(), ToTensor(), Squeeze()],
+                "index": _index_pipeline(),
             })
         # Replaces FFCV's order object (same distributed order; see ResumableOrder).
         self.order = ResumableOrder(self.loader.reader.num_samples, batch_size, seed, rank, world_size)
@@ -84,12 +124,12 @@ class TrainLoader:
         """Iterate the batches of `epoch` from `skip_batches` on."""
         self.order.skip_batches = skip_batches
         self.loader.next_epoch = epoch
-        return iter(self.loader)
+        return _fail_loudly(iter(self.loader))
 
 
 def val_loader(path: Path, *, res: int, batch_size: int, num_workers: int, device: torch.device,
                rank: int, world_size: int, crop_ratio: float = 0.875,
-               channels_last: bool = False) -> Loader:
+               channels_last: bool = False) -> _Guarded:
     """Center-crop evaluation over this rank's share of the records.
 
     The shares are disjoint strides of the file, not FFCV's distributed
@@ -99,11 +139,11 @@ def val_loader(path: Path, *, res: int, batch_size: int, num_workers: int, devic
     from ffcv.reader import Reader  # only to learn the record count
     num = Reader(str(path)).num_samples
     indices = np.arange(rank, num, world_size, dtype=np.uint64)  # int64 would mix into float64 inside FFCV
-    return Loader(
+    return _Guarded(Loader(
         str(path), batch_size=batch_size, num_workers=num_workers, order=OrderOption.SEQUENTIAL,
         indices=indices, drop_last=False, os_cache=True,
         pipelines={
             "image": [CenterCropRGBImageDecoder((res, res), ratio=crop_ratio), *_image_tail(device, channels_last)],
             "label": _label_pipeline(device),
-            "index": [IntDecoder(), ToTensor(), Squeeze()],
-        })
+            "index": _index_pipeline(),
+        }))
