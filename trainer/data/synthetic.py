@@ -133,7 +133,8 @@ def _sdf(shape: str, u: np.ndarray, v: np.ndarray, r: np.ndarray) -> np.ndarray:
         # Five-pointed star in polar form: radius oscillates between 0.45 (valleys) and
         # 1.0 (tips) linearly in angle.
         theta = np.arctan2(v, u)
-        frac = (theta * (5 / (2 * math.pi))) % 1.0
+        frac = theta * (5 / (2 * math.pi))
+        frac -= np.floor(frac)  # x - floor(x) instead of x % 1.0: numpy's float mod is ~10x slower
         tip = np.abs(frac - 0.5) * 2.0  # 1 at tips, 0 at valleys
         return r - (0.42 + 0.58 * tip)
     if shape == "crescent":
@@ -160,11 +161,15 @@ def _texture(texture: str, u: np.ndarray, v: np.ndarray, rng: np.random.Generato
     ca, sa = math.cos(ang), math.sin(ang)
     a = u * ca + v * sa
     b = -u * sa + v * ca
-    ph_a, ph_b = rng.uniform(0, 1, size=2)
+    ph_a, ph_b = (float(p) for p in rng.uniform(0, 1, size=2))
     if texture == "dots":
         period = rng.uniform(0.24, 0.32)
-        fa = (a / period + ph_a) % 1.0 - 0.5
-        fb = (b / period + ph_b) % 1.0 - 0.5
+        fa = a / period + ph_a
+        fb = b / period + ph_b
+        # Fractional part minus 0.5 = offset from the nearest dot centre (x - floor(x)
+        # rather than x % 1.0, which is ~10x slower in numpy).
+        fa = fa - np.floor(fa) - 0.5
+        fb = fb - np.floor(fb) - 0.5
         d = np.sqrt(fa * fa + fb * fb)  # distance to nearest dot centre, in periods
         # Soft dot of radius 0.28 periods; the 0.08 ramp anti-aliases the edge.
         return np.clip((0.28 - d) / 0.08 + 0.5, 0.0, 1.0)
@@ -217,8 +222,9 @@ class SyntheticImages:
         # safe to share across forked workers).  y grows downwards, x to the right.
         n = self.image_size
         coords = (np.arange(n, dtype=np.float32) + 0.5) * (2.0 / n) - 1.0
-        self._x = np.broadcast_to(coords[None, :], (n, n))
-        self._y = np.broadcast_to(coords[:, None], (n, n))
+        # Materialised (not broadcast views): contiguous arrays make every later ufunc faster.
+        self._x = np.ascontiguousarray(np.broadcast_to(coords[None, :], (n, n)))
+        self._y = np.ascontiguousarray(np.broadcast_to(coords[:, None], (n, n)))
         self._px = 2.0 / n  # size of one pixel in normalised units, for anti-aliasing
 
     def __len__(self) -> int:
@@ -271,7 +277,7 @@ class SyntheticImages:
         # and further decorrelates mean colour from the label.
         if rng.uniform() < 0.5:
             br = rng.uniform(0.08, 0.16)
-            bx, by = rng.uniform(-0.9, 0.9, size=2)
+            bx, by = (float(c) for c in rng.uniform(-0.9, 0.9, size=2))
             bd = np.sqrt((x - bx) ** 2 + (y - by) ** 2) - br
             ba = np.clip(0.5 - bd / px, 0.0, 1.0)[..., None]
             bcol = _hsv(rng.uniform(), rng.uniform(0.3, 1.0), rng.uniform(0.3, 1.0))
@@ -280,7 +286,8 @@ class SyntheticImages:
         # Main shape: random radius, centre (kept mostly inside the frame), rotation.
         R = rng.uniform(0.42, 0.66)
         lim = max(0.0, 0.95 - R)
-        cx, cy = rng.uniform(-lim, lim, size=2)
+        # float(): numpy float64 *scalars* would promote the float32 grids to float64 (NEP 50).
+        cx, cy = (float(c) for c in rng.uniform(-lim, lim, size=2))
         rot = rng.uniform(0, 2 * math.pi)
         cr, sr = math.cos(rot), math.sin(rot)
         dx, dy = x - cx, y - cy
@@ -303,7 +310,9 @@ class SyntheticImages:
             fill = fg + (shade - fg) * pattern[..., None]
         img = img + (fill - img) * alpha
 
-        # Mild sensor noise.
-        img = img + rng.normal(0.0, rng.uniform(0.01, 0.04), size=img.shape).astype(np.float32)
+        # Mild sensor noise.  Uniform rather than Gaussian: float32 uniform draws are ~4x
+        # cheaper and the distribution of the noise does not matter here.
+        amp = rng.uniform(0.04, 0.12)  # noise std = amp / sqrt(12), i.e. ~1-3.5% of full range
+        img = img + (rng.random(img.shape, dtype=np.float32) - 0.5) * amp
         out = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.ascontiguousarray(out)
