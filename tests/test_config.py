@@ -43,6 +43,7 @@ def test_group_and_key_overrides(tmp_path):
     (["data=imagefolder"], "data.train_dir is required for data=imagefolder"),
     (["data=imagefolder", "data.train_dir=/no/such/dir"], "data.train_dir=/no/such/dir: no such directory"),
     (["pruning.flops_ratio=1.5"], "pruning.flops_ratio=1.5: must be in (0, 1]"),
+    (["data.num_classes=500"], "data.num_classes=500: must be in [2, 128]"),
     (["dense"], "cannot read 'dense': arguments are key=value"),
     (["data.res=true"], "data.res=true: expected an integer"),
 ])
@@ -99,3 +100,9 @@ def test_print_config_prints_resolved_yaml_and_exits(tmp_path):
 def test_imagefolder_with_images_passes_validation(tmp_path):
     root = write_image_folder(tmp_path / "tree", per_class=2)
     validate_config(load_config(["data=imagefolder", f"data.train_dir={root}"]))
+
+
+def test_synthetic_class_limit_matches_the_generator():
+    from trainer.config.validate import MAX_SYNTHETIC_CLASSES
+    from trainer.data.synthetic import MAX_CLASSES
+    assert MAX_SYNTHETIC_CLASSES == MAX_CLASSES

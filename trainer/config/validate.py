@@ -13,6 +13,8 @@ from .load import ConfigError
 from .schema import CHOICES
 
 _IMAGEFOLDER_KINDS = ("imagefolder", "imagenet")
+# = trainer.data.synthetic.MAX_CLASSES (a test checks); importing it here would load FFCV and torch.
+MAX_SYNTHETIC_CLASSES = 128
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 
 
@@ -39,7 +41,8 @@ def validate_config(cfg: DictConfig) -> None:
         _require(d.synthetic_train_size >= 10, "data.synthetic_train_size: must be at least 10")
         _require(d.synthetic_val_size >= 10, "data.synthetic_val_size: must be at least 10")
         _require(d.synthetic_image_size >= 16, "data.synthetic_image_size: must be at least 16")
-        _require(d.num_classes is None or d.num_classes >= 2, "data.num_classes: must be at least 2")
+        _require(d.num_classes is None or 2 <= d.num_classes <= MAX_SYNTHETIC_CLASSES,
+                 f"data.num_classes={d.num_classes}: must be in [2, {MAX_SYNTHETIC_CLASSES}]")
     else:
         _require(d.num_classes is None, "data.num_classes only applies to data=synthetic "
                  "(an ImageFolder's classes are its sub-folders)")

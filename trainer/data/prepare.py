@@ -115,7 +115,7 @@ def prepare_data(d: DictConfig, *, is_writer: bool, barrier: Callable[[], None] 
 
     files = (beton_dir / f"{key}-train.beton", beton_dir / f"{key}-val.beton")
     manifest = beton_dir / f"{key}.json"
-    if is_writer and not manifest.exists():
+    if is_writer and not (manifest.exists() and all(f.exists() for f in files)):
         _materialise(train, files[0], d, log)
         _materialise(val, files[1], d, log)
         from ffcv.reader import Reader
