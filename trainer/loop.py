@@ -90,6 +90,12 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
         torch.set_rng_state(ckpt["rng"])
         if engine.is_main:  # the saved meters are already summed over processes
             meters = ckpt["meters"].to(engine.device)
+        if batch and ckpt["world_size"] != engine.world_size:
+            # Batch positions are per process: they mean other samples on another process count.
+            _say(engine, f"{desc}: checkpoint written by {ckpt['world_size']} process(es), running on "
+                         f"{engine.world_size}: epoch {epoch + 1} restarts from its first batch")
+            batch = 0
+            meters.zero_()
         log.truncate_after(step)
         result.resumed_from = ckpt["_path"]
         _say(engine, f"{desc}: resumed from {ckpt['_path']} at epoch {epoch + 1}, batch {batch} (step {step})")
