@@ -15,7 +15,6 @@ from PIL import Image
 from ..image_files import IMAGE_SUFFIXES, is_image
 
 
-
 class DataError(ValueError):
     """A user-facing data problem; str(e) is one line."""
 
