@@ -5,7 +5,7 @@
    that the network keeping `score + delta > 0` costs as close as possible to,
    and not more than, `ratio * F_dense`. Every group keeps at least
    `max(1, ceil(min_keep * C_g))` channels; `round_to` rounds kept counts to a
-   multiple (GPU-friendly widths). Channels are chosen by score rank.
+   multiple (GPU-friendly widths; not applied to attention-head groups). Channels are chosen by score rank.
 2. `make_structure`: the decision as a JSON-able dict: kept channel indices per
    group, and for every layer which groups index its input/output channels
    and its resulting widths.
@@ -54,6 +54,11 @@ def round_width(width: int, size: int, round_to: int) -> int:
     return min(size, max(round_to, round_to * round(width / round_to)))
 
 
+def group_rounding(flops: FlopsModel, round_to: int) -> list[int]:
+    """`round_to` for channel groups; 1 for attention-head groups (a ViT has only a few heads per layer)."""
+    return [1 if g.kind == "heads" else round_to for g in flops.graph.groups]
+
+
 def fit_budget(widths_at: Callable[[float], list[int]], flops: FlopsModel, ratio: float,
                lo: float, hi: float, iterations: int = 60) -> list[int]:
     """Largest-cost widths_at(t), t in [lo, hi], whose FLOPs do not exceed ratio * F_dense.
@@ -82,10 +87,11 @@ def choose_channels(scores: list[torch.Tensor], flops: FlopsModel, ratio: float,
     scores = [s.detach().float().cpu() for s in scores]
     sizes = [len(s) for s in scores]
     floor = min_widths(sizes, min_keep)
+    rounding = group_rounding(flops, round_to)
 
     def widths_at(offset: float) -> list[int]:
-        return [round_width(max(int((s + offset > 0).sum()), f), c, round_to)
-                for s, f, c in zip(scores, floor, sizes)]
+        return [round_width(max(int((s + offset > 0).sum()), f), c, r)
+                for s, f, c, r in zip(scores, floor, sizes, rounding)]
 
     top = max(float(s.abs().max()) for s in scores) + 1.0
     widths = fit_budget(widths_at, flops, ratio, -top, top)

@@ -107,10 +107,17 @@ def build_graph(model: nn.Module, res: int, *, residual: bool = True) -> PruneGr
     names = {m: n for n, m in model.named_modules()}
     param_names = {id(p): n for n, p in model.named_parameters()}
     head = classifier_name(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "unwrapped parameters detected": pruning their last dim is what we want
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
-        tp_groups = dg.get_all_groups(root_module_types=[nn.Conv2d, nn.Linear, nn.MultiheadAttention])
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:   # Torch-Pruning silently skips layers whose weights are frozen
+        p.requires_grad_(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "unwrapped parameters detected": pruning their last dim is intended
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+            tp_groups = dg.get_all_groups(root_module_types=[nn.Conv2d, nn.Linear, nn.MultiheadAttention])
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
     raw = []
     for tp_group in tp_groups:

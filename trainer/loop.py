@@ -2,7 +2,9 @@
 
 It knows nothing about pruning methods or distribution: a stage hands it the
 module, the parameters to train, a loss and a schedule; the engine hides
-DDP or DeepSpeed. Checkpoints carry everything needed to continue exactly
+DDP or DeepSpeed. A module may return `(logits, extra_loss)` instead of
+logits (PASS adds its budget term that way) and may expose `last`, a dict of
+floats from its latest forward, which is logged with the train records. Checkpoints carry everything needed to continue exactly
 where a killed run stopped, mid-epoch included: engine state (model,
 optimizer, schedule), epoch, the next batch, running epoch meters, history,
 RNG state and elapsed wall time.
@@ -35,6 +37,11 @@ class FitResult:
     resumed_from: str | None = None
 
 
+def split_output(out) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logits, extra loss or None) from a module's output."""
+    return (out[0], out[1]) if isinstance(out, tuple) else (out, None)
+
+
 @torch.no_grad()
 def evaluate(engine: Engine, model: torch.nn.Module, loader, loss_fn=None) -> dict:
     """Top-1/top-5 (in %) and mean loss over every validation record, summed over processes.
@@ -48,7 +55,7 @@ def evaluate(engine: Engine, model: torch.nn.Module, loader, loss_fn=None) -> di
     sums = torch.zeros(4, dtype=torch.float64, device=engine.device)  # loss, top1, top5, count
     for images, labels, _ in loader:
         with engine.autocast():
-            logits = model(images)
+            logits, _ = split_output(model(images))
         c1, c5 = topk_correct(logits, labels)
         loss = loss_fn(logits.float(), labels) * len(labels) if loss_fn else torch.zeros((), device=engine.device)
         sums += torch.stack([loss.double(), c1.double(), c5.double(),
@@ -121,8 +128,10 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
                    mininterval=1 if interactive else 30, dynamic_ncols=True, leave=False)
         for batch, (images, labels, _) in enumerate(bar, start=start_batch):
             with engine.autocast():
-                logits = engine.module(images)
+                logits, extra = split_output(engine.module(images))
                 loss = loss_fn(logits.float(), labels)
+                if extra is not None:
+                    loss = loss + extra.float()
             engine.backward(loss)
             engine.step(schedule.grad_clip)
             step += 1
@@ -132,7 +141,8 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
             if step % log_cfg.every_steps == 0:
                 running = engine.all_reduce_sum(meters.clone())
                 record = {"kind": "train", "step": step, "epoch": epoch + (batch + 1) / steps_per_epoch,
-                          "loss": running[0].item() / running[2].item(), "lr": engine.scheduler.get_last_lr()[0]}
+                          "loss": running[0].item() / running[2].item(), "lr": engine.scheduler.get_last_lr()[0],
+                          **getattr(model, "last", {})}
                 log.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
             if checkpoint_cfg.every_steps and step % checkpoint_cfg.every_steps == 0 and batch + 1 < steps_per_epoch:
@@ -145,11 +155,13 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
                   "train_loss": train[0].item() / train[2].item(), "train_top1": 100 * train[1].item() / train[2].item(),
                   "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
                   "lr": engine.scheduler.get_last_lr()[0], "epoch_seconds": seconds,
-                  "images_per_second": seen * engine.world_size / max(seconds, 1e-9)}
+                  "images_per_second": seen * engine.world_size / max(seconds, 1e-9), **getattr(model, "last", {})}
         history.append(record)
         log.write(record)
+        extra = f"  mask FLOPs {record['mask_flops_ratio']:.3f}" if "mask_flops_ratio" in record else ""
         _say(engine, f"{desc} epoch {epoch + 1}/{schedule.epochs}: loss {record['train_loss']:.4f}  "
-                     f"val top-1 {val['top1']:.2f}%  top-5 {val['top5']:.2f}%  {record['images_per_second']:.0f} img/s")
+                     f"val top-1 {val['top1']:.2f}%  top-5 {val['top5']:.2f}%{extra}  "
+                     f"{record['images_per_second']:.0f} img/s")
         batch = 0
         meters.zero_()
         save(epoch + 1, 0, meters)

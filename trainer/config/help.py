@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from .load import CONFIGS_DIR, group_options, load_config
-from .schema import GROUPS, RootConfig
+from .schema import GROUPS, KEYWORD_SECTIONS, RootConfig
 
 USAGE = """usage: python slurm/launch.py [key=value ...]
 
@@ -37,7 +37,10 @@ def help_text() -> str:
         options = [o + ("*" if o == cfg[group].name else "") for o in group_options(group)]
         lines.append(f"  {group:<9} {', '.join(options)}")
     lines.append("\nKeys (defaults shown for the default groups):")
-    for key, value, text in _rows(RootConfig(), cfg):
+    rows = list(_rows(RootConfig(), cfg))
+    for name, section in KEYWORD_SECTIONS.items():
+        rows += list(_rows(section(), cfg[name], f"{name}."))
+    for key, value, text in rows:
         if key.endswith(".name") and key.split(".")[0] in GROUPS:
             continue  # set through the group token
         if key == "run":

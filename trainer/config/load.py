@@ -17,7 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .schema import GROUPS, RootConfig
+from .schema import GROUPS, root_config
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 # Keys that say how to run this invocation, not what the run is: they never
@@ -131,7 +131,7 @@ def load_config(tokens: list[str], configs_dir: Path = CONFIGS_DIR) -> DictConfi
             raise ConfigError(f"{group}={option} is not an option; choose from: {', '.join(options)}")
     selections.update(group_tokens)
 
-    cfg = OmegaConf.structured(RootConfig)
+    cfg = root_config()
     for group in GROUPS:
         option = selections[group]
         _merge_file(cfg, _load_yaml(configs_dir / group / f"{option}.yaml"),
@@ -153,7 +153,7 @@ def load_config(tokens: list[str], configs_dir: Path = CONFIGS_DIR) -> DictConfi
             if stored[group].name != option:
                 raise ConfigError(f"run '{run}' was created with {group}={stored[group].name}; "
                                   f"choose another run= for {group}={option}")
-        fresh = OmegaConf.structured(RootConfig)
+        fresh = root_config()
         body = OmegaConf.masked_copy(stored, [k for k in stored.keys() if k not in RUNTIME_KEYS])
         _merge_file(fresh, body, str(stored_path))
         for key, raw in dotted:

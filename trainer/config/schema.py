@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from omegaconf import DictConfig, OmegaConf, open_dict
+
 GROUPS = ("model", "data", "method", "engine", "cluster")
 STAGES = ("dense", "search", "finetune", "eval", "all")
 
@@ -73,10 +75,39 @@ class ClusterConfig:
     name: str = _f("local", "where jobs run (set by the cluster= group)")
 
 
+STRUCTURED_METHODS = ("pass", "l1", "random", "uniform")
+PROMPT_VARIANTS = ("pad", "expand", "full")
+BUDGET_LOSSES = ("square", "abs", "log")
+
+
 @dataclass
 class PruningConfig:
     flops_ratio: float = _f(0.5, "structured methods: kept FLOPs / dense FLOPs")
     density: float = _f(0.1, "unstructured methods: kept weights / all scored weights")
+    residual: bool = _f(True, "also prune residual streams (ResNet stage widths, ViT embedding width)")
+    min_keep: float = _f(0.05, "every group keeps at least max(1, ceil(min_keep * channels))")
+    round_to: int = _f(1, "round kept channel counts to a multiple of this (8 for GPU-friendly widths)")
+
+
+@dataclass
+class PromptConfig:
+    variant: str = _f("pad", "pad (frame over the image), expand (image shrunk inside the frame) or full")
+    pad: Optional[int] = _f(None, "frame width in pixels (null: round(16 * res / 224))")
+    headline: str = _f("prompt", "which accuracy summaries call top1: prompt or no_prompt")
+
+
+@dataclass
+class PassConfig:
+    use_prompt: bool = _f(True, "ablation: false = no prompt on the inputs, the hypernetwork sees nothing")
+    recurrent: bool = _f(True, "ablation: false = each group decided from its own input, no LSTM state")
+    use_stats: bool = _f(True, "ablation: false = no weight statistics (step embedding only, no prior)")
+    embed_dim: int = _f(64, "d: width of the statistics MLP phi and the step embedding")
+    hidden: int = _f(128, "H: LSTM hidden size")
+    init_bias: float = _f(3.0, "initial bias of the per-group heads (search starts from the full network)")
+    budget_loss: str = _f("square", "square, abs or log")
+    budget_weight: float = _f(2.0, "lambda: weight of the budget term")
+    prompt_lr: float = _f(1e-3, "peak learning rate of the prompt (search.lr applies to the hypernetwork)")
+    bn_train: bool = _f(False, "run the frozen backbone's BatchNorm in train mode during search")
 
 
 @dataclass
@@ -94,8 +125,13 @@ class ScheduleConfig:
     grad_clip: float = _f(0.0, "clip the gradient norm to this (0 disables)")
 
 
-def _schedule(**kw) -> ScheduleConfig:
-    return field(default_factory=lambda: ScheduleConfig(**kw), metadata={"help": ""})
+@dataclass
+class FinetuneConfig(ScheduleConfig):
+    prompt: bool = _f(True, "train a visual prompt with the pruned network (PASS: starts from the searched one)")
+
+
+def _schedule(kind=ScheduleConfig, **kw):
+    return field(default_factory=lambda: kind(**kw), metadata={"help": ""})
 
 
 @dataclass
@@ -124,9 +160,10 @@ class RootConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
     dense: ScheduleConfig = _schedule(epochs=8, lr=0.1, optimizer="sgd", weight_decay=5e-4)
     search: ScheduleConfig = _schedule(epochs=3, lr=1e-3, optimizer="adamw", weight_decay=1e-2)
-    finetune: ScheduleConfig = _schedule(epochs=5, lr=0.01, optimizer="sgd", weight_decay=1e-4)
+    finetune: FinetuneConfig = _schedule(FinetuneConfig, epochs=5, lr=0.01, optimizer="sgd", weight_decay=1e-4)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -140,5 +177,22 @@ CHOICES = {
     "engine.precision": ("auto", "bf16", "fp32"),
     "engine.device": ("auto", "cpu", "cuda"),
     "data.write_mode": ("raw", "jpg", "smart", "proportion"),
+    "prompt.variant": PROMPT_VARIANTS,
+    "prompt.headline": ("prompt", "no_prompt"),
+    "pass.budget_loss": BUDGET_LOSSES,
     **{f"{s}.{k}": v for s in ("dense", "search", "finetune") for k, v in _SCHEDULE_CHOICES.items()},
 }
+
+
+# Sections whose name is a Python keyword cannot be dataclass fields; they are
+# added to the structured config by name (`cfg["pass"]`, `pass.recurrent=false`).
+KEYWORD_SECTIONS = {"pass": PassConfig}
+
+
+def root_config() -> DictConfig:
+    """The structured config with every schema default (RootConfig plus the keyword-named sections)."""
+    cfg = OmegaConf.structured(RootConfig)
+    with open_dict(cfg):
+        for name, section in KEYWORD_SECTIONS.items():
+            cfg[name] = OmegaConf.structured(section)
+    return cfg

@@ -70,6 +70,14 @@ def validate_config(cfg: DictConfig) -> None:
     p = cfg.pruning
     _require(0 < p.flops_ratio <= 1, f"pruning.flops_ratio={p.flops_ratio}: must be in (0, 1]")
     _require(0 < p.density <= 1, f"pruning.density={p.density}: must be in (0, 1]")
+    _require(0 <= p.min_keep <= 1, f"pruning.min_keep={p.min_keep}: must be in [0, 1]")
+    _require(p.round_to >= 1, f"pruning.round_to={p.round_to}: must be a positive integer")
+    pad = cfg.prompt.pad
+    _require(pad is None or (pad > 0 and 2 * pad < cfg.data.res),
+             f"prompt.pad={pad}: the frame must be at least 1 pixel wide and fit a {cfg.data.res}px input")
+    h = cfg["pass"]
+    _require(h.embed_dim > 0 and h.hidden > 0, "pass.embed_dim and pass.hidden must be positive")
+    _require(h.budget_weight >= 0, f"pass.budget_weight={h.budget_weight}: must be >= 0")
     _require(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps: must be 0 or more")
     _require(cfg.checkpoint.keep >= 0, "checkpoint.keep: must be 0 or more")
     _require(cfg.log.every_steps >= 1, "log.every_steps: must be at least 1")

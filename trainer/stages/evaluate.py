@@ -1,6 +1,8 @@
 """Eval stage: score the run's newest product on the configured validation data."""
 from __future__ import annotations
 
+import torch
+
 from ..data import prepare_data, prepare_eval_data
 from ..loop import evaluate
 from ..run_dir import write_json
@@ -26,9 +28,19 @@ def run_eval(ctx: StageContext) -> dict:
     if tuple(files.classes) != tuple(blob["classes"]):
         raise ValueError(f"the validation data has classes {list(files.classes)[:3]}..., "
                          f"the {source} network was trained on {blob['classes'][:3]}...")
-    metrics = evaluate(engine, model, ctx.val_loader(files))
+    loader = ctx.val_loader(files)
+    metrics = evaluate(engine, model, loader, torch.nn.CrossEntropyLoss())
+    prompt = "prompt" in blob
+    no_prompt = metrics
+    if prompt:  # METHODS.md 1: report accuracy with and without the prompt
+        transform, model.input_transform = model.input_transform, torch.nn.Identity()
+        no_prompt = evaluate(engine, model, loader, torch.nn.CrossEntropyLoss())
+        model.input_transform = transform
+    headline = metrics if cfg.prompt.headline == "prompt" else no_prompt
     summary = {"stage": "eval", "method": cfg.method.name, "model": blob["arch"], "product": source,
-               "top1": metrics["top1"], "top5": metrics["top5"], "num_images": metrics["count"],
+               "top1": headline["top1"], "top5": headline["top5"], "loss": headline["loss"],
+               "top1_prompt": metrics["top1"] if prompt else None, "top1_no_prompt": no_prompt["top1"],
+               "num_images": metrics["count"],
                "val_source": cfg.data.val_dir or f"{cfg.data.name} validation split", "res": cfg.data.res}
     if engine.is_main:
         ctx.run.publish("eval", lambda d: write_json(d / "summary.json", summary))

@@ -11,16 +11,11 @@ from ..run_dir import RunDir
 from .context import StageContext, StageNotImplemented
 from .dense import run_dense
 from .evaluate import run_eval
+from .finetune import run_finetune
+from .search import run_search
 
 
-def _not_implemented(stage: str):
-    def run(ctx: StageContext):
-        raise StageNotImplemented(f"stage={stage} for method={ctx.cfg.method.name} is not implemented yet")
-    return run
-
-
-STAGE_FUNCTIONS = {"dense": run_dense, "search": _not_implemented("search"),
-                   "finetune": _not_implemented("finetune"), "eval": run_eval}
+STAGE_FUNCTIONS = {"dense": run_dense, "search": run_search, "finetune": run_finetune, "eval": run_eval}
 
 
 def plan(cfg: DictConfig) -> list[str]:

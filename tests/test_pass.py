@@ -1,0 +1,175 @@
+"""PASS and the structured baselines through the real launcher: search, finetune, DDP, resume, rebuild."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import LAUNCH, REPO, TINY, child_env, launch, read_json
+
+pytestmark = pytest.mark.slow
+
+# Few images, two short stages; a high search lr so the masks move within a few steps.
+SEARCH = ["search.epochs=2", "search.lr=0.01", "pass.prompt_lr=0.01", "finetune.epochs=1"]
+
+
+def _args(runs, beton_dir, *extra, method="pass"):
+    return [f"method={method}", "run=r", f"runs_dir={runs}", f"data.beton_dir={beton_dir}", *TINY, *SEARCH, *extra]
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory, beton_dir):
+    """One trained dense network; every test copies its run directory."""
+    runs = tmp_path_factory.mktemp("dense")
+    out = launch(_args(runs, beton_dir, "stage=dense", "dense.epochs=2"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    return runs
+
+
+def _copy_dense(dense_run, tmp_path):
+    import shutil
+    shutil.copytree(dense_run, tmp_path / "runs")
+    return tmp_path / "runs"
+
+
+def _checkpoint_weights(stage_dir):
+    return torch.load(stage_dir / "checkpoints" / "last.pt", weights_only=False)["engine"]["model"]
+
+
+def test_search_freezes_the_backbone_and_moves_the_masks(dense_run, tmp_path, beton_dir):
+    runs = _copy_dense(dense_run, tmp_path)
+    out = launch(_args(runs, beton_dir, "stage=search"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    dense = torch.load(runs / "r/dense/result/model.pt", weights_only=True)["model"]
+    searched = _checkpoint_weights(runs / "r/search")
+    backbone = {k[len("classifier.backbone."):]: v for k, v in searched.items() if k.startswith("classifier.backbone.")}
+    assert backbone.keys() == dense.keys()
+    changed = [k for k in dense if not torch.equal(dense[k], backbone[k])]
+    assert not changed, f"search changed backbone tensors: {changed[:5]}"
+    summary = read_json(runs / "r/search/result/summary.json")
+    assert summary["mask_flops_ratio_start"] == 1.0              # init bias +3: the full network
+    assert summary["mask_channels_changed"] > 0, summary
+    assert summary["mask_flops_ratio_end"] < 1.0
+    assert 0.48 <= summary["flops_ratio_achieved"] <= 0.5
+    structure = read_json(runs / "r/search/result/structure.json")
+    assert sum(g["kept_width"] for g in structure["groups"]) < sum(g["size"] for g in structure["groups"])
+    # hypernetwork state differs from its initialisation: the straight-through gradients arrived
+    assert any(k.startswith("hypernet.") for k in searched)
+
+
+def test_two_process_search_keeps_identical_masks_on_both_ranks(dense_run, tmp_path, beton_dir):
+    runs = _copy_dense(dense_run, tmp_path)
+    out = launch(_args(runs, beton_dir, "stage=search"), torchrun=2, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = read_json(runs / "r/search/result/summary.json")
+    digests = summary["mask_digest_per_rank"]
+    assert summary["world_size"] == 2 and len(digests) == 2
+    assert digests[0] == digests[1], digests
+    assert summary["mask_channels_changed"] > 0
+
+
+def test_finetuned_model_rebuilds_in_a_fresh_process(dense_run, tmp_path, beton_dir):
+    runs = _copy_dense(dense_run, tmp_path)
+    out = launch(_args(runs, beton_dir, "stage=all"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "dense: already done" in out.stdout
+    line = next(l for l in out.stdout.splitlines() if l.startswith("finetune: dense top-1"))
+    assert "FLOPs" in line and "latency" in line and "x)" in line, line
+    fin = read_json(runs / "r/finetune/result/summary.json")
+    ev = read_json(runs / "r/eval/result/summary.json")
+    # stage=eval ran in this launcher process after finetune, but rebuilt the model from disk:
+    assert (ev["top1"], ev["top5"]) == (fin["top1"], fin["top5"])
+    assert ev["loss"] == pytest.approx(fin["loss"], rel=1e-6, abs=1e-6)
+    for key in ("flops", "flops_dense", "params", "params_dense", "flops_ratio_achieved", "top1_no_prompt",
+                "kept_widths", "latency"):
+        assert key in fin, key
+    assert fin["flops"] < fin["flops_dense"] and fin["params"] < fin["params_dense"]
+    assert fin["latency"]["pruned_ms"] > 0 and fin["latency"]["dense_ms"] > 0
+
+    # A fresh interpreter: plain torchvision architecture + structure.json + weights, compared
+    # bitwise with the project's loader (which is what finetune and eval use).
+    result = runs / "r/finetune/result"
+    code = f"""
+import json, sys, torch, torchvision
+sys.path.insert(0, {str(REPO)!r})
+from pruning.attention import convert_attention
+from pruning.extract import rebuild
+from trainer.stages.product import load_product
+blob = torch.load({str(result / 'model.pt')!r}, weights_only=True)
+structure = json.load(open({str(result / 'structure.json')!r}))
+net = rebuild(convert_attention(torchvision.models.resnet18(num_classes=len(blob['classes']))), structure)
+net.load_state_dict(blob['model'])
+net.eval()
+torch.manual_seed(0)
+x = torch.rand(4, 3, 32, 32)
+model, _ = load_product({str(result)!r})
+model.eval()
+mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1); std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+with torch.no_grad():
+    a = model(x)
+    b = net((model.input_transform(x) - mean) / std)
+print(json.dumps({{"equal": bool(torch.equal(a, b)), "scale": a.abs().max().item(),
+                   "widths": [m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d)][:3]}}))
+"""
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(), timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    report = json.loads(fresh.stdout.strip().splitlines()[-1])
+    assert report["equal"] and report["scale"] > 0, report
+    assert report["widths"][0] == read_json(result / "structure.json")["groups"][0]["kept_width"]
+
+
+@pytest.mark.parametrize("method", ["l1", "random", "uniform"])
+def test_structured_baselines_meet_the_budget_and_finetune(dense_run, tmp_path, beton_dir, method):
+    runs = _copy_dense(dense_run, tmp_path)
+    out = launch(_args(runs, beton_dir, "stage=all", "pruning.flops_ratio=0.4", method=method))
+    assert out.returncode == 0, out.stderr[-2000:]
+    search = read_json(runs / "r/search/result/summary.json")
+    fin = read_json(runs / "r/finetune/result/summary.json")
+    assert search["epochs"] == 0 and search["method"] == method
+    assert 0.39 * 0.98 <= fin["flops_ratio_achieved"] <= 0.4 * 1.01, fin["flops_ratio_achieved"]
+
+
+def test_search_resumes_after_sigkill_with_the_same_decision(dense_run, tmp_path, beton_dir):
+    extra = ["stage=search", "checkpoint.every_steps=3", "log.every_steps=1"]
+    whole = _copy_dense(dense_run, tmp_path / "a")
+    out = launch(_args(whole, beton_dir, *extra))
+    assert out.returncode == 0, out.stderr[-2000:]
+
+    runs = _copy_dense(dense_run, tmp_path / "b")
+    cmd = [sys.executable, str(LAUNCH), *_args(runs, beton_dir, *extra)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = runs / "r" / "search" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # kill inside epoch 2 (10 steps per epoch)
+        if metrics.exists() and any(json.loads(l)["step"] >= 13 for l in metrics.read_text().splitlines()):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the search ended before it could be killed"
+    resumed = launch(_args(runs, beton_dir, *extra))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert any("resumed from" in l and "epoch 2" in l for l in resumed.stdout.splitlines()), resumed.stdout
+    a = read_json(whole / "r/search/result/structure.json")
+    b = read_json(runs / "r/search/result/structure.json")
+    assert a["groups"] == b["groups"]
+    sa, sb = read_json(whole / "r/search/result/summary.json"), read_json(runs / "r/search/result/summary.json")
+    assert (sa["top1"], sa["mask_digest_per_rank"]) == (sb["top1"], sb["mask_digest_per_rank"])
+
+
+def test_pass_needs_a_dense_network_and_says_so(tmp_path, beton_dir):
+    out = launch(_args(tmp_path, beton_dir, "stage=search"))
+    assert out.returncode == 2
+    assert "needs a trained dense network" in out.stderr and "Traceback" not in out.stderr
+    out = launch(_args(tmp_path, beton_dir, "stage=finetune"))
+    assert out.returncode == 2 and "structure.json" in out.stderr
+
+
+def test_impossible_budget_is_a_one_line_error(dense_run, tmp_path, beton_dir):
+    runs = _copy_dense(dense_run, tmp_path)
+    out = launch(_args(runs, beton_dir, "stage=search", "pruning.flops_ratio=0.001", method="l1"))
+    assert out.returncode == 2 and "min_keep" in out.stderr and "Traceback" not in out.stderr, out.stderr[-1500:]

@@ -1,0 +1,113 @@
+"""Finetune stage of the structured methods: extract the searched subnetwork and train it.
+
+The dense network is cut to the search stage's `structure.json` (a physically
+smaller network with the kept weights) and all its weights are trained, with
+a visual prompt unless `finetune.prompt=false` (PASS starts from its searched
+prompt; baselines from a zero prompt). The summary reports accuracy with and
+without the prompt, FLOPs and parameters of the dense and pruned networks
+(torch's counter), the kept width of every group, and measured CPU latency.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+from pruning.attention import convert_attention
+from pruning.extract import STRUCTURE_FILE, extract
+
+from ..data import prepare_data
+from ..latency import measure_latency
+from ..loop import evaluate, fit
+from ..models import ImageClassifier, count_macs, count_parameters
+from ..run_dir import write_json
+from .context import StageContext, StageNotImplemented
+from .product import save_product
+from .search import SEARCH_STATE_FILE
+from .sources import dense_backbone, finetune_uses_prompt, make_prompt
+
+LATENCY_BATCH = 32
+
+
+def run_finetune(ctx: StageContext) -> dict:
+    cfg, engine = ctx.cfg, ctx.engine
+    method = cfg.method.name
+    if method not in ("pass", "l1", "random", "uniform"):
+        raise StageNotImplemented(f"stage=finetune for method={method} is not implemented yet"
+                                  if method != "dense" else "method=dense has no finetune stage")
+    search_dir = ctx.run.result("search")
+    if not (search_dir / STRUCTURE_FILE).exists():
+        raise FileNotFoundError(f"stage=finetune needs the search stage's {STRUCTURE_FILE}: "
+                                f"run stage=search for run '{ctx.run.name}' first")
+    structure = json.loads((search_dir / STRUCTURE_FILE).read_text())
+    files = prepare_data(cfg.data, is_writer=engine.is_main, barrier=engine.barrier, log=ctx.say)
+    dense, source = dense_backbone(ctx, files, "finetune")
+    convert_attention(dense)
+    pruned = extract(dense, structure)
+
+    prompt = make_prompt(cfg) if finetune_uses_prompt(cfg) else None
+    state_file = search_dir / SEARCH_STATE_FILE
+    if prompt is not None and state_file.exists():
+        searched = torch.load(state_file, map_location="cpu", weights_only=True)["prompt"]
+        if searched is not None and searched.shape == prompt.program.shape:
+            prompt.program.data.copy_(searched)
+    torch.manual_seed(cfg.seed)
+    model = engine.prepare_module(ImageClassifier(pruned, prompt))
+    ctx.say(f"finetune: {method} subnetwork of {cfg.model.name} ({structure['flops_ratio']:.3f} of the dense "
+            f"FLOPs), prompt {'on' if prompt is not None else 'off'}")
+    val = ctx.val_loader(files)
+    result = fit(engine=engine, model=model, params=[p for p in model.parameters() if p.requires_grad],
+                 schedule=cfg.finetune, train_loader=ctx.train_loader(files), val_loader=val,
+                 stage_dir=ctx.run.stage("finetune"), checkpoint_cfg=cfg.checkpoint, log_cfg=cfg.log,
+                 loss_fn=ctx.loss_fn(cfg.finetune), resume=cfg.resume == "auto", desc="finetune")
+
+    with_prompt = result.final
+    no_prompt = _without_prompt(engine, model, val) if prompt is not None else with_prompt
+    headline = with_prompt if cfg.prompt.headline == "prompt" else no_prompt
+    dense_top1 = (ctx.run.summary("dense")["top1"] if ctx.run.is_done("dense")
+                  else evaluate(engine, engine.prepare_module(ImageClassifier(dense)), val)["top1"])
+    pruned_net = model.backbone
+    summary = {
+        "stage": "finetune", "method": method, "model": cfg.model.name, "data": cfg.data.name,
+        "top1": headline["top1"], "top5": headline["top5"], "loss": headline["loss"], "headline": cfg.prompt.headline,
+        "top1_prompt": with_prompt["top1"] if prompt is not None else None, "top1_no_prompt": no_prompt["top1"],
+        "top1_dense": dense_top1, "prompt": prompt is not None,
+        "flops": count_macs(pruned_net, cfg.data.res), "flops_dense": count_macs(dense, cfg.data.res),
+        "params": count_parameters(pruned_net), "params_dense": count_parameters(dense),
+        "flops_unit": "multiply-accumulates per image",
+        "flops_ratio_target": cfg.pruning.flops_ratio,
+        "kept_widths": {g["name"]: [g["kept_width"], g["size"]] for g in structure["groups"]},
+        "epochs": cfg.finetune.epochs, "images_per_second": result.images_per_second,
+        "wall_seconds": result.wall_seconds, "resumed_from": result.resumed_from, "dense_source": source,
+        "res": cfg.data.res, "num_classes": files.num_classes, "world_size": engine.world_size,
+        "device": str(engine.device),
+    }
+    summary["flops_ratio_achieved"] = summary["flops"] / summary["flops_dense"]
+    if engine.is_main:
+        dense_ms = measure_latency(dense, cfg.data.res, batch=LATENCY_BATCH)
+        pruned_ms = measure_latency(pruned_net, cfg.data.res, batch=LATENCY_BATCH)
+        summary["latency"] = {"dense_ms": dense_ms["median_ms"], "pruned_ms": pruned_ms["median_ms"],
+                              "speedup": dense_ms["median_ms"] / pruned_ms["median_ms"],
+                              "batch": LATENCY_BATCH, "device": "cpu", "statistic": "median",
+                              "repeats": dense_ms["repeats"], "threads": dense_ms["threads"]}
+        ctx.run.publish("finetune", lambda d: (save_product(d, model, arch=cfg.model.name, classes=files.classes,
+                                                            res=cfg.data.res, structure=structure),
+                                               write_json(d / "summary.json", summary)))
+        lat = summary["latency"]
+        ctx.say(f"finetune: dense top-1 {dense_top1:.2f}% -> {method} top-1 {summary['top1']:.2f}% "
+                f"(without prompt {summary['top1_no_prompt']:.2f}%); FLOPs {summary['flops_dense'] / 1e6:.1f} M -> "
+                f"{summary['flops'] / 1e6:.1f} M MACs ({summary['flops_ratio_achieved']:.3f}); CPU latency "
+                f"batch {LATENCY_BATCH}: {lat['dense_ms']:.1f} ms -> {lat['pruned_ms']:.1f} ms "
+                f"({lat['speedup']:.2f}x)")
+    engine.barrier()
+    return summary
+
+
+def _without_prompt(engine, model: ImageClassifier, loader) -> dict:
+    prompt = model.input_transform
+    model.input_transform = nn.Identity()
+    try:
+        return evaluate(engine, model, loader)
+    finally:
+        model.input_transform = prompt
