@@ -105,8 +105,13 @@ def extraction(name: str, ratio: float) -> Extraction:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _free_cache():
+def _one_thread_and_free_cache():
+    # The machine's 2 cores are shared with other jobs: with 2 intra-op threads the
+    # convolutions here run many times slower than with one. Restored afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
     _MODELS.clear()
     _EXTRACTED.clear()
 
@@ -280,7 +285,7 @@ def test_vit_tiny_groups_in_execution_order():
 # --------------------------------------------------------------------------- 3c. rebuild + load
 
 
-@pytest.mark.parametrize("name", ["resnet50", "vit_tiny"])
+@pytest.mark.parametrize("name", [*MODELS, "vit_tiny"])
 def test_rebuild_and_load_state_dict_is_bitwise_identical(name):
     b, e = built(name), extraction(name, 0.5)
     torch.manual_seed(123)
@@ -315,7 +320,12 @@ def test_round_to_8_widths_and_budget(name):
     kept = choose_channels(scores, b.flops, ratio, round_to=8)
     widths = [len(k) for k in kept]
     sizes = b.graph.group_sizes()
-    assert all(w % 8 == 0 or w == s for w, s in zip(widths, sizes)), list(zip(widths, sizes))
+    kinds = [g.kind for g in b.graph.groups]
+    # channel groups are rounded; attention-head groups (12 heads in a ViT-B layer) are not, by design
+    bad = [(g.name, w, s) for g, w, s in zip(b.graph.groups, widths, sizes)
+           if g.kind == "channels" and not (w % 8 == 0 or w == s)]
+    assert not bad, bad
+    assert "channels" in kinds
     assert all(1 <= w <= s for w, s in zip(widths, sizes))
     assert any(w < s for w, s in zip(widths, sizes))
     for k, s in zip(kept, sizes):   # sorted, unique, in range
@@ -329,6 +339,7 @@ def test_round_to_8_widths_and_budget(name):
 
 def test_impossible_budget_raises_budget_error():
     b = built("resnet50")
+    torch.manual_seed(5)
     scores = [torch.randn(s) for s in b.graph.group_sizes()]
     with pytest.raises(BudgetError, match="min_keep"):
         choose_channels(scores, b.flops, 0.001)
@@ -352,7 +363,7 @@ def test_structure_json_roundtrip_is_lossless(name):
     assert [g["kept"] for g in loaded["groups"]] == [k.tolist() for k in e.kept]
 
 
-@pytest.mark.parametrize("name", ["resnet50", "vit_tiny"])
+@pytest.mark.parametrize("name", ["resnet50", "vit_b_16", "vit_tiny"])
 def test_extract_from_json_loaded_structure(name):
     b, e = built(name), extraction(name, 0.5)
     loaded = json.loads(json.dumps(e.structure, allow_nan=False))

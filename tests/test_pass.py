@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,8 +33,8 @@ def dense_run(tmp_path_factory, beton_dir):
 
 
 def _copy_dense(dense_run, tmp_path):
-    import shutil
-    shutil.copytree(dense_run, tmp_path / "runs")
+    """A new runs directory whose run 'r' has only the finished dense stage (any method may continue it)."""
+    shutil.copytree(dense_run / "r" / "dense", tmp_path / "runs" / "r" / "dense")
     return tmp_path / "runs"
 
 

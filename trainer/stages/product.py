@@ -38,9 +38,10 @@ def save_product(directory: Path, model: ImageClassifier, *, arch: str, classes,
 
 def load_product(directory: Path) -> tuple[ImageClassifier, dict]:
     """Rebuild the classifier from a result directory (torchvision architecture [+ structure] + weights)."""
+    directory = Path(directory)
     blob = torch.load(directory / PRODUCT_FILE, map_location="cpu", weights_only=True)
     backbone = build_backbone(blob["arch"], len(blob["classes"]), blob["res"], weights=None)
-    structure_path = Path(directory) / STRUCTURE_FILE
+    structure_path = directory / STRUCTURE_FILE
     if structure_path.exists():
         backbone = rebuild(convert_attention(backbone), json.loads(structure_path.read_text()))
     backbone.load_state_dict(blob["model"])
