@@ -20,8 +20,8 @@ def test_defaults_compose_and_validate(tmp_path):
     cfg = load_config([f"runs_dir={tmp_path}"])
     validate_config(cfg)
     assert (cfg.model.name, cfg.data.name, cfg.method.name, cfg.engine.name, cfg.cluster.name) == \
-        ("resnet18", "synthetic", "dense", "ddp", "local")
-    assert cfg.run == "resnet18-synthetic-dense"
+        ("resnet18", "synthetic", "pass", "ddp", "local")
+    assert cfg.run == "resnet18-synthetic-pass"
 
 
 def test_group_and_key_overrides(tmp_path):
@@ -32,7 +32,7 @@ def test_group_and_key_overrides(tmp_path):
     # A different setting gives a different default run name; the same one gives the same name.
     again = load_config([f"runs_dir={tmp_path}", "model=vgg16_bn", "dense.epochs=3", "dense.lr=0.05",
                          "pruning.flops_ratio=0.3", "data.batch_size=32", "seed=7", "stage=dense"])
-    assert again.run == cfg.run and cfg.run.startswith("vgg16_bn-synthetic-dense-")
+    assert again.run == cfg.run and cfg.run.startswith("vgg16_bn-synthetic-pass-")
 
 
 @pytest.mark.parametrize("tokens, expected", [

@@ -88,7 +88,8 @@ def test_two_process_ddp_matches_single_process(tmp_path, beton_dir):
 
 def test_stage_all_then_eval_on_another_val_dir(tmp_path, beton_dir):
     runs = tmp_path / "runs"
-    args = ["stage=all", "run=r", f"runs_dir={runs}", f"data.beton_dir={beton_dir}", *TINY, "dense.epochs=1"]
+    args = ["stage=all", "method=dense", "run=r", f"runs_dir={runs}", f"data.beton_dir={beton_dir}", *TINY,
+            "dense.epochs=1"]
     first = launch(args)
     assert first.returncode == 0, first.stderr[-2000:]
     summary = read_json(runs / "r/dense/result/summary.json")
@@ -114,6 +115,6 @@ def test_stage_all_then_eval_on_another_val_dir(tmp_path, beton_dir):
 
 
 def test_unimplemented_stage_says_so_in_one_line(tmp_path, beton_dir):
-    proc = launch(["stage=search", "method=pass", f"runs_dir={tmp_path}", f"data.beton_dir={beton_dir}", *TINY])
+    proc = launch(["stage=search", "method=vpns", f"runs_dir={tmp_path}", f"data.beton_dir={beton_dir}", *TINY])
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: stage=search for method=pass is not implemented yet"]
+    assert proc.stderr.strip().splitlines() == ["error: stage=search for method=vpns is not implemented yet"]
