@@ -48,10 +48,6 @@ class ChannelGroup:
     mask_sites: list[str]         # modules whose output is multiplied by the mask (channel dim per kind)
     residual: bool                # several producers summed into one stream
 
-    @property
-    def min_size(self) -> int:
-        return 1
-
 
 @dataclass
 class LayerSlot:

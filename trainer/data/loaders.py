@@ -75,6 +75,18 @@ def _fail_loudly(epoch_iterator):
     return epoch_iterator
 
 
+# Every FFCV loader made in this process stays referenced until exit. Freeing
+# one frees its numba-compiled pipeline, and numba's dispatcher finalizer then
+# prints an "Exception ignored ... KeyError" traceback (harmless, but it looks
+# like a crash); a process makes only a few loaders (train + val per stage).
+_KEEP_ALIVE: list = []
+
+
+def _kept(loader: Loader) -> Loader:
+    _KEEP_ALIVE.append(loader)
+    return loader
+
+
 class _Guarded:
     """An FFCV loader whose iterators fail loudly (see _fail_loudly)."""
 
@@ -103,7 +115,7 @@ class TrainLoader:
             decode = [SeededRandomResizedCrop((res, res), seed, scale=(min_crop_scale, 1.0)), SeededHorizontalFlip(seed)]
         else:
             decode = [CenterCropRGBImageDecoder((res, res), ratio=crop_ratio)]
-        self.loader = Loader(
+        self.loader = _kept(Loader(
             str(path), batch_size=batch_size, num_workers=num_workers,
             order=OrderOption.RANDOM, seed=seed, distributed=world_size > 1, drop_last=True,
             os_cache=True,
@@ -111,7 +123,7 @@ class TrainLoader:
                 "image": [*decode, *_image_tail(device, channels_last)],
                 "label": _label_pipeline(device),
                 "index": _index_pipeline(),
-            })
+            }))
         # Replaces FFCV's order object (same distributed order; see ResumableOrder).
         self.order = ResumableOrder(self.loader.reader.num_samples, batch_size, seed, rank, world_size)
         self.loader.traversal_order = self.order
@@ -139,11 +151,11 @@ def val_loader(path: Path, *, res: int, batch_size: int, num_workers: int, devic
     from ffcv.reader import Reader  # only to learn the record count
     num = Reader(str(path)).num_samples
     indices = np.arange(rank, num, world_size, dtype=np.uint64)  # int64 would mix into float64 inside FFCV
-    return _Guarded(Loader(
+    return _Guarded(_kept(Loader(
         str(path), batch_size=batch_size, num_workers=num_workers, order=OrderOption.SEQUENTIAL,
         indices=indices, drop_last=False, os_cache=True,
         pipelines={
             "image": [CenterCropRGBImageDecoder((res, res), ratio=crop_ratio), *_image_tail(device, channels_last)],
             "label": _label_pipeline(device),
             "index": _index_pipeline(),
-        }))
+        })))
