@@ -10,25 +10,27 @@ from torch import nn
 
 
 @torch.no_grad()
-def measure_latency(model: nn.Module, res: int, *, batch: int = 32, repeats: int = 15, warmup: int = 3,
-                    device: str = "cpu") -> dict:
-    """Median wall time of one forward pass of a `batch` x 3 x `res` x `res` input (eval mode).
+def compare_latency(models: dict[str, nn.Module], res: int, *, batch: int = 32, repeats: int = 15,
+                    warmup: int = 3, device: str = "cpu") -> dict[str, dict]:
+    """Median wall time of one forward pass of a `batch` x 3 x `res` x `res` input, per model (eval mode).
 
-    The model is copied to `device` (CPU by default, so figures compare across
-    machines without GPUs); the median of `repeats` timed runs after `warmup`
-    untimed ones resists the noise of a shared machine.
+    The models are copied to `device` (CPU by default, so figures compare across
+    machines without GPUs) and timed in turns, one pass of each per round, so
+    that load from other processes on a shared machine hits all of them alike;
+    the median of `repeats` rounds after `warmup` untimed ones is reported.
     """
-    model = copy.deepcopy(model).to(device).eval()
+    copies = {name: copy.deepcopy(m).to(device).eval() for name, m in models.items()}
     x = torch.rand(batch, 3, res, res, device=device)
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in copies}
     for i in range(warmup + repeats):
-        if device != "cpu":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model(x)
-        if device != "cpu":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return {"median_ms": 1000 * statistics.median(times), "batch": batch, "repeats": repeats,
-            "device": device, "threads": torch.get_num_threads()}
+        for name, model in copies.items():
+            if device != "cpu":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(x)
+            if device != "cpu":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: {"median_ms": 1000 * statistics.median(t), "batch": batch, "repeats": repeats,
+                   "device": device, "threads": torch.get_num_threads()} for name, t in times.items()}

@@ -45,6 +45,7 @@ def run_eval(ctx: StageContext) -> dict:
     if engine.is_main:
         ctx.run.publish("eval", lambda d: write_json(d / "summary.json", summary))
         write_json(ctx.run.stage("eval") / "summary.json", summary)
-    ctx.say(f"eval: {source} network, top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}% "
+    both = (f" (with prompt {metrics['top1']:.2f}%, without {no_prompt['top1']:.2f}%)" if prompt else "")
+    ctx.say(f"eval: {source} network, top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%{both} "
             f"on {summary['num_images']} images of {summary['val_source']}")
     return summary

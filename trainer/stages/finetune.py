@@ -18,7 +18,7 @@ from pruning.attention import convert_attention
 from pruning.extract import STRUCTURE_FILE, extract
 
 from ..data import prepare_data
-from ..latency import measure_latency
+from ..latency import compare_latency
 from ..loop import evaluate, fit
 from ..models import ImageClassifier, count_macs, count_parameters
 from ..run_dir import write_json
@@ -85,12 +85,11 @@ def run_finetune(ctx: StageContext) -> dict:
     }
     summary["flops_ratio_achieved"] = summary["flops"] / summary["flops_dense"]
     if engine.is_main:
-        dense_ms = measure_latency(dense, cfg.data.res, batch=LATENCY_BATCH)
-        pruned_ms = measure_latency(pruned_net, cfg.data.res, batch=LATENCY_BATCH)
-        summary["latency"] = {"dense_ms": dense_ms["median_ms"], "pruned_ms": pruned_ms["median_ms"],
-                              "speedup": dense_ms["median_ms"] / pruned_ms["median_ms"],
-                              "batch": LATENCY_BATCH, "device": "cpu", "statistic": "median",
-                              "repeats": dense_ms["repeats"], "threads": dense_ms["threads"]}
+        timing = compare_latency({"dense": dense, "pruned": pruned_net}, cfg.data.res, batch=LATENCY_BATCH)
+        dense_ms, pruned_ms = timing["dense"]["median_ms"], timing["pruned"]["median_ms"]
+        summary["latency"] = {"dense_ms": dense_ms, "pruned_ms": pruned_ms, "speedup": dense_ms / pruned_ms,
+                              "batch": LATENCY_BATCH, "device": "cpu", "statistic": "median of interleaved runs",
+                              "repeats": timing["dense"]["repeats"], "threads": timing["dense"]["threads"]}
         ctx.run.publish("finetune", lambda d: (save_product(d, model, arch=cfg.model.name, classes=files.classes,
                                                             res=cfg.data.res, structure=structure),
                                                write_json(d / "summary.json", summary)))
