@@ -79,7 +79,7 @@ def select_uniform(stats: list[Tensor], flops: FlopsModel, ratio: float, min_kee
     rounding = group_rounding(flops, round_to)
 
     def widths_at(rho: float) -> list[int]:
-        return [round_width(max(math.ceil(rho * c), f), c, r) for c, f, r in zip(sizes, floor, rounding)]
+        return [round_width(math.ceil(rho * c), c, r, f) for c, f, r in zip(sizes, floor, rounding)]
 
     widths = fit_budget(widths_at, flops, ratio, 0.0, 1.0)
     return top_k(l1_importance(stats), widths)

@@ -47,11 +47,14 @@ def min_widths(sizes: list[int], min_keep: float) -> list[int]:
     return [max(1, math.ceil(min_keep * c)) for c in sizes]
 
 
-def round_width(width: int, size: int, round_to: int) -> int:
-    """Nearest multiple of `round_to` (at least `round_to`), never above the group size."""
+def round_width(width: int, size: int, round_to: int, floor: int = 1) -> int:
+    """Nearest multiple of `round_to` (halves up), never below `floor` (the min_keep width) nor above `size`."""
     if round_to <= 1:
-        return width
-    return min(size, max(round_to, round_to * round(width / round_to)))
+        return min(size, max(width, floor))
+    rounded = round_to * math.floor(width / round_to + 0.5)
+    if rounded < max(floor, 1):
+        rounded = round_to * math.ceil(max(floor, 1) / round_to)
+    return min(size, rounded)
 
 
 def group_rounding(flops: FlopsModel, round_to: int) -> list[int]:
@@ -69,7 +72,7 @@ def fit_budget(widths_at: Callable[[float], list[int]], flops: FlopsModel, ratio
     if flops(widths_at(lo)) > target:
         raise BudgetError(f"pruning.flops_ratio={ratio} is below what the minimum widths allow "
                           f"({flops(widths_at(lo)) / flops.dense:.3f} of the dense FLOPs); "
-                          f"lower pruning.min_keep or raise the ratio")
+                          f"lower pruning.min_keep (or pruning.round_to) or raise the ratio")
     if flops(widths_at(hi)) <= target:
         return widths_at(hi)
     for _ in range(iterations):
@@ -90,7 +93,7 @@ def choose_channels(scores: list[torch.Tensor], flops: FlopsModel, ratio: float,
     rounding = group_rounding(flops, round_to)
 
     def widths_at(offset: float) -> list[int]:
-        return [round_width(max(int((s + offset > 0).sum()), f), c, r)
+        return [round_width(int((s + offset > 0).sum()), c, r, f)
                 for s, f, c, r in zip(scores, floor, sizes, rounding)]
 
     top = max(float(s.abs().max()) for s in scores) + 1.0

@@ -46,7 +46,7 @@ class PassSearchNetwork(nn.Module):
         self.masks = ChannelMasks(backbone, self.graph)
         self.target, self.loss_kind, self.loss_weight = flops_ratio, pass_cfg.budget_loss, pass_cfg.budget_weight
         self.bn_train = pass_cfg.bn_train
-        self.last: dict[str, float] = {}
+        self._last: dict[str, torch.Tensor] = {}
 
     @property
     def backbone(self) -> nn.Module:
@@ -73,8 +73,13 @@ class PassSearchNetwork(nn.Module):
             self.masks.set(None)   # never leave a stale (graph-holding) mask installed
         ratio = self.flops.ratio([m.sum() for m in masks])
         loss = budget_loss(ratio, self.target, self.loss_kind, self.loss_weight)
-        self.last = {"mask_flops_ratio": float(ratio.detach()), "budget_loss": float(loss.detach())}
+        self._last = {"mask_flops_ratio": ratio.detach(), "budget_loss": loss.detach()}
         return out, loss
+
+    @property
+    def last(self) -> dict[str, float]:
+        """Mask FLOPs ratio and budget loss of the latest forward (read when logging: no per-step sync)."""
+        return {k: float(v) for k, v in self._last.items()}
 
     @torch.no_grad()
     def hard_masks(self) -> list[torch.Tensor]:

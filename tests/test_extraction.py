@@ -416,3 +416,13 @@ def test_convert_attention_keeps_vit_function_and_state_dict():
     assert list(model.state_dict()) == keys
     assert want.abs().max() > 1e-2
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_round_to_never_goes_below_the_min_keep_floor():
+    from pruning.extract import min_widths, round_width
+    for size in (64, 256, 512, 1024, 2048, 3072):
+        floor = min_widths([size], 0.05)[0]
+        for width in range(0, size + 1, 7):
+            w = round_width(width, size, 8, floor)
+            assert floor <= w <= size and (w % 8 == 0 or w == size), (size, width, w)
+    assert round_width(20, 512, 8) == 24 and round_width(28, 512, 8) == 32  # halves round up

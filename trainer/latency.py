@@ -19,7 +19,9 @@ def compare_latency(models: dict[str, nn.Module], res: int, *, batch: int = 32, 
     that load from other processes on a shared machine hits all of them alike;
     the median of `repeats` rounds after `warmup` untimed ones is reported.
     """
-    copies = {name: copy.deepcopy(m).to(device).eval() for name, m in models.items()}
+    # One memory format for all (a GPU-trained network may be channels_last, its dense twin not).
+    copies = {name: copy.deepcopy(m).to(device).to(memory_format=torch.contiguous_format).eval()
+              for name, m in models.items()}
     x = torch.rand(batch, 3, res, res, device=device)
     times: dict[str, list[float]] = {name: [] for name in copies}
     for i in range(warmup + repeats):

@@ -78,6 +78,7 @@ def validate_config(cfg: DictConfig) -> None:
     h = cfg["pass"]
     _require(h.embed_dim > 0 and h.hidden > 0, "pass.embed_dim and pass.hidden must be positive")
     _require(h.budget_weight >= 0, f"pass.budget_weight={h.budget_weight}: must be >= 0")
+    _require(h.prompt_lr > 0, f"pass.prompt_lr={h.prompt_lr}: must be positive")
     _require(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps: must be 0 or more")
     _require(cfg.checkpoint.keep >= 0, "checkpoint.keep: must be 0 or more")
     _require(cfg.log.every_steps >= 1, "log.every_steps: must be at least 1")

@@ -42,6 +42,10 @@ def run_finetune(ctx: StageContext) -> dict:
                                 f"run stage=search for run '{ctx.run.name}' first")
     structure = json.loads((search_dir / STRUCTURE_FILE).read_text())
     files = prepare_data(cfg.data, is_writer=engine.is_main, barrier=engine.barrier, log=ctx.say)
+    found = (structure.get("arch"), structure.get("res"), structure.get("num_classes"))
+    if found != (cfg.model.name, cfg.data.res, files.num_classes):
+        raise ValueError(f"{search_dir / STRUCTURE_FILE} was searched for {found[0]} at {found[1]}px with "
+                         f"{found[2]} classes, not {cfg.model.name} at {cfg.data.res}px with {files.num_classes}")
     dense, source = dense_backbone(ctx, files, "finetune")
     convert_attention(dense)
     pruned = extract(dense, structure)
@@ -50,7 +54,10 @@ def run_finetune(ctx: StageContext) -> dict:
     state_file = search_dir / SEARCH_STATE_FILE
     if prompt is not None and state_file.exists():
         searched = torch.load(state_file, map_location="cpu", weights_only=True)["prompt"]
-        if searched is not None and searched.shape == prompt.program.shape:
+        if searched is not None:
+            if searched.shape != prompt.program.shape:
+                raise ValueError(f"the searched prompt in {state_file} has shape {tuple(searched.shape)}, "
+                                 f"this run's prompt {tuple(prompt.program.shape)}")
             prompt.program.data.copy_(searched)
     torch.manual_seed(cfg.seed)
     model = engine.prepare_module(ImageClassifier(pruned, prompt))
