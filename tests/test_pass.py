@@ -174,3 +174,20 @@ def test_impossible_budget_is_a_one_line_error(dense_run, tmp_path, beton_dir):
     runs = _copy_dense(dense_run, tmp_path)
     out = launch(_args(runs, beton_dir, "stage=search", "pruning.flops_ratio=0.001", method="l1"))
     assert out.returncode == 2 and "min_keep" in out.stderr and "Traceback" not in out.stderr, out.stderr[-1500:]
+
+
+def test_vit_pipeline_prunes_heads_and_rebuilds(tmp_path, beton_dir):
+    """stage=all on the small ViT: heads and MLP units are pruned, the product rebuilds for eval."""
+    out = launch(_args(tmp_path, beton_dir, "stage=all", "model=vit_tiny", "dense.epochs=1",
+                       "pruning.flops_ratio=0.4"), timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    search = read_json(tmp_path / "r/search/result/summary.json")
+    assert search["mask_channels_changed"] > 0
+    structure = read_json(tmp_path / "r/search/result/structure.json")
+    kinds = {g["kind"] for g in structure["groups"]}
+    assert kinds == {"channels", "heads"}
+    fin = read_json(tmp_path / "r/finetune/result/summary.json")
+    assert 0.4 * 0.98 <= fin["flops_ratio_achieved"] <= 0.4 * 1.01, fin["flops_ratio_achieved"]
+    ev = read_json(tmp_path / "r/eval/result/summary.json")
+    assert (ev["top1"], ev["top5"]) == (fin["top1"], fin["top5"])
+    assert ev["loss"] == pytest.approx(fin["loss"], rel=1e-6, abs=1e-6)
