@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,19 @@ def launch(args: list[str], *, timeout: float = 600, env=None, torchrun: int = 0
     else:
         cmd = [sys.executable, str(LAUNCH), *args]
     return subprocess.run(cmd, cwd=REPO, env=env or child_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def run_and_kill_at_step(args: list[str], metrics: Path, step: int, timeout: float = 300) -> None:
+    """Start the launcher and SIGKILL it once `metrics` (a metrics.jsonl) records `step`."""
+    proc = subprocess.Popen([sys.executable, str(LAUNCH), *args], cwd=REPO, env=child_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines()):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
 
 
 def read_json(path: Path) -> dict:

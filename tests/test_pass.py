@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import LAUNCH, REPO, TINY, child_env, launch, read_json
+from conftest import REPO, TINY, child_env, launch, read_json, run_and_kill_at_step
 
 pytestmark = pytest.mark.slow
 
@@ -142,16 +140,8 @@ def test_search_resumes_after_sigkill_with_the_same_decision(dense_run, tmp_path
     assert out.returncode == 0, out.stderr[-2000:]
 
     runs = _copy_dense(dense_run, tmp_path / "b")
-    cmd = [sys.executable, str(LAUNCH), *_args(runs, beton_dir, *extra)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = runs / "r" / "search" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # kill inside epoch 2 (10 steps per epoch)
-        if metrics.exists() and any(json.loads(l)["step"] >= 13 for l in metrics.read_text().splitlines()):
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    assert proc.wait(timeout=60) == -signal.SIGKILL, "the search ended before it could be killed"
+    # kill inside epoch 2 (10 steps per epoch)
+    run_and_kill_at_step(_args(runs, beton_dir, *extra), runs / "r" / "search" / "metrics.jsonl", 13)
     resumed = launch(_args(runs, beton_dir, *extra))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert any("resumed from" in l and "epoch 2" in l for l in resumed.stdout.splitlines()), resumed.stdout

@@ -2,16 +2,12 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import LAUNCH, REPO, TINY, child_env, launch, read_json, write_image_folder
+from conftest import TINY, launch, read_json, run_and_kill_at_step, write_image_folder
 
 pytestmark = pytest.mark.slow
 
@@ -35,16 +31,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, beton_dir):
     assert whole.returncode == 0, whole.stderr[-2000:]
 
     runs = tmp_path / "b"
-    cmd = [sys.executable, str(LAUNCH), *_dense_args(runs, beton_dir, *extra)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = runs / "r" / "dense" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # kill inside epoch 2 (10 steps per epoch)
-        if metrics.exists() and any(json.loads(line)["step"] >= 13 for line in metrics.read_text().splitlines()):
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    # kill inside epoch 2 (10 steps per epoch)
+    run_and_kill_at_step(_dense_args(runs, beton_dir, *extra), runs / "r" / "dense" / "metrics.jsonl", 13)
     assert not (runs / "r" / "dense" / "result").exists()
 
     resumed = launch(_dense_args(runs, beton_dir, *extra))

@@ -22,10 +22,10 @@ from ..latency import compare_latency
 from ..loop import evaluate, fit
 from ..models import ImageClassifier, count_macs, count_parameters
 from ..run_dir import write_json
-from .context import StageContext, StageNotImplemented
+from .context import StageContext
 from .product import save_product
 from .search import SEARCH_STATE_FILE
-from .sources import dense_backbone, finetune_uses_prompt, make_prompt
+from .sources import dense_backbone, require_structured, finetune_uses_prompt, make_prompt
 
 LATENCY_BATCH = 32
 
@@ -33,9 +33,7 @@ LATENCY_BATCH = 32
 def run_finetune(ctx: StageContext) -> dict:
     cfg, engine = ctx.cfg, ctx.engine
     method = cfg.method.name
-    if method not in ("pass", "l1", "random", "uniform"):
-        raise StageNotImplemented(f"stage=finetune for method={method} is not implemented yet"
-                                  if method != "dense" else "method=dense has no finetune stage")
+    require_structured(method, "finetune")
     search_dir = ctx.run.result("search")
     if not (search_dir / STRUCTURE_FILE).exists():
         raise FileNotFoundError(f"stage=finetune needs the search stage's {STRUCTURE_FILE}: "

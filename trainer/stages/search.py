@@ -26,8 +26,8 @@ from ..data import prepare_data
 from ..loop import evaluate, fit
 from ..models import ImageClassifier, count_macs, count_parameters
 from ..run_dir import write_json
-from .context import StageContext, StageNotImplemented
-from .sources import dense_backbone, make_prompt
+from .context import StageContext
+from .sources import dense_backbone, require_structured, make_prompt
 
 SEARCH_STATE_FILE = "search.pt"
 
@@ -35,9 +35,7 @@ SEARCH_STATE_FILE = "search.pt"
 def run_search(ctx: StageContext) -> dict:
     cfg, engine = ctx.cfg, ctx.engine
     method = cfg.method.name
-    if method not in ("pass", "l1", "random", "uniform"):
-        raise StageNotImplemented(f"stage=search for method={method} is not implemented yet"
-                                  if method != "dense" else "method=dense has no search stage")
+    require_structured(method, "search")
     files = prepare_data(cfg.data, is_writer=engine.is_main, barrier=engine.barrier, log=ctx.say)
     torch.manual_seed(cfg.seed)  # same hypernetwork initialisation on every process and restart
     backbone, source = dense_backbone(ctx, files, "search")

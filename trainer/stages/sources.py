@@ -8,8 +8,19 @@ from pruning.prompt import PadPrompt
 
 from ..data import DataFiles
 from ..models import build_backbone
-from .context import StageContext
+from .context import StageContext, StageNotImplemented
 from .product import PRODUCT_FILE, load_product
+
+
+STRUCTURED_METHODS = ("pass", "l1", "random", "uniform")
+
+
+def require_structured(method: str, stage: str) -> None:
+    """The search/finetune stages here serve the structured methods only."""
+    if method == "dense":
+        raise StageNotImplemented(f"method=dense has no {stage} stage")
+    if method not in STRUCTURED_METHODS:
+        raise StageNotImplemented(f"stage={stage} for method={method} is not implemented yet")
 
 
 def dense_backbone(ctx: StageContext, files: DataFiles, stage: str) -> tuple[nn.Module, str]:
