@@ -150,8 +150,7 @@ class PassHypernetwork(nn.Module):
         return self.encoder(prompt_image.float())
 
     def _step_input(self, g: int) -> Tensor:
-        index = torch.tensor([g], device=self.step_embedding.weight.device)
-        x = self.step_embedding(index)
+        x = self.step_embedding.weight[g:g + 1]  # a view: no index tensor built (and copied to the GPU) per step
         if self.use_stats:
             x = x + self.phi(self.group_stats(g)).mean(dim=0, keepdim=True)
         return x

@@ -106,3 +106,13 @@ def test_synthetic_class_limit_matches_the_generator():
     from trainer.config.validate import MAX_SYNTHETIC_CLASSES
     from trainer.data.synthetic import MAX_CLASSES
     assert MAX_SYNTHETIC_CLASSES == MAX_CLASSES
+
+
+def test_schema_choices_match_the_pruning_code():
+    from pruning.hypernet import BUDGET_LOSSES
+    from pruning.prompt import PROMPT_VARIANTS
+    from trainer.config import schema
+    from trainer.config.load import group_options
+
+    assert schema.PROMPT_VARIANTS == PROMPT_VARIANTS and schema.BUDGET_LOSSES == BUDGET_LOSSES
+    assert set(schema.STRUCTURED_METHODS) <= set(group_options("method"))

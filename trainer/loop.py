@@ -4,8 +4,9 @@ It knows nothing about pruning methods or distribution: a stage hands it the
 module, the parameters to train, a loss and a schedule; the engine hides
 DDP or DeepSpeed. A module may return `(logits, extra_loss)` instead of
 logits (PASS adds its budget term that way) and may expose `last`, a dict of
-floats from its latest forward, which is logged with the train records. Checkpoints carry everything needed to continue exactly
-where a killed run stopped, mid-epoch included: engine state (model,
+floats from its latest forward, which is logged with the train records.
+Checkpoints carry everything needed to continue exactly where a killed run
+stopped, mid-epoch included: engine state (model,
 optimizer, schedule), epoch, the next batch, running epoch meters, history,
 RNG state and elapsed wall time.
 """

@@ -76,6 +76,8 @@ class ClusterConfig:
 
 
 STRUCTURED_METHODS = ("pass", "l1", "random", "uniform")
+# The same sets as pruning.prompt.PROMPT_VARIANTS and pruning.hypernet.BUDGET_LOSSES, restated so the
+# config layer stays free of torch (--help and print_config start fast); tests/test_config.py checks they agree.
 PROMPT_VARIANTS = ("pad", "expand", "full")
 BUDGET_LOSSES = ("square", "abs", "log")
 

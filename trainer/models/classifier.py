@@ -6,6 +6,8 @@ the loader so that a visual prompt (`input_transform`) can be applied to
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -21,6 +23,15 @@ class ImageClassifier(nn.Module):
         # Not persistent: the checkpoints hold only learned state.
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @contextlib.contextmanager
+    def without_input_transform(self):
+        """Temporarily skip the prompt (METHODS.md 1: accuracy is reported with and without it)."""
+        transform, self.input_transform = self.input_transform, nn.Identity()
+        try:
+            yield self
+        finally:
+            self.input_transform = transform
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float().div_(255.0) if images.dtype == torch.uint8 else images

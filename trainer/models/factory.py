@@ -38,7 +38,7 @@ class ModelError(ValueError):
 def build_backbone(name: str, num_classes: int, image_size: int, weights: str | None = None) -> nn.Module:
     """Build ``name`` with a ``num_classes``-way head for ``image_size`` px inputs."""
     model = _build_arch(name, num_classes, image_size)
-    if weights is None or str(weights).strip().lower() in ("", "none"):
+    if not has_weights(weights):
         return model
     weights = str(weights).strip()
     if _looks_like_path(weights):
@@ -47,6 +47,11 @@ def build_backbone(name: str, num_classes: int, image_size: int, weights: str | 
         state, source = _load_torchvision(name, weights)
     _load_into(model, state, source)
     return model
+
+
+def has_weights(weights: str | None) -> bool:
+    """Whether `model.weights` names any weights ("none", "" and null mean a random initialisation)."""
+    return weights is not None and str(weights).strip().lower() not in ("", "none")
 
 
 def classifier_name(model: nn.Module) -> str:

@@ -32,10 +32,9 @@ def run_eval(ctx: StageContext) -> dict:
     metrics = evaluate(engine, model, loader, torch.nn.CrossEntropyLoss())
     prompt = "prompt" in blob
     no_prompt = metrics
-    if prompt:  # METHODS.md 1: report accuracy with and without the prompt
-        transform, model.input_transform = model.input_transform, torch.nn.Identity()
-        no_prompt = evaluate(engine, model, loader, torch.nn.CrossEntropyLoss())
-        model.input_transform = transform
+    if prompt:
+        with model.without_input_transform():
+            no_prompt = evaluate(engine, model, loader, torch.nn.CrossEntropyLoss())
     headline = metrics if cfg.prompt.headline == "prompt" else no_prompt
     summary = {"stage": "eval", "method": cfg.method.name, "model": blob["arch"], "product": source,
                "top1": headline["top1"], "top5": headline["top5"], "loss": headline["loss"],

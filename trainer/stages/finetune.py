@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 
 import torch
-from torch import nn
 
 from pruning.attention import convert_attention
 from pruning.extract import STRUCTURE_FILE, extract
@@ -25,7 +24,7 @@ from ..run_dir import write_json
 from .context import StageContext
 from .product import save_product
 from .search import SEARCH_STATE_FILE
-from .sources import dense_backbone, require_structured, finetune_uses_prompt, make_prompt
+from .sources import dense_backbone, finetune_uses_prompt, make_prompt
 
 LATENCY_BATCH = 32
 
@@ -33,7 +32,6 @@ LATENCY_BATCH = 32
 def run_finetune(ctx: StageContext) -> dict:
     cfg, engine = ctx.cfg, ctx.engine
     method = cfg.method.name
-    require_structured(method, "finetune")
     search_dir = ctx.run.result("search")
     if not (search_dir / STRUCTURE_FILE).exists():
         raise FileNotFoundError(f"stage=finetune needs the search stage's {STRUCTURE_FILE}: "
@@ -68,7 +66,10 @@ def run_finetune(ctx: StageContext) -> dict:
                  loss_fn=ctx.loss_fn(cfg.finetune), resume=cfg.resume == "auto", desc="finetune")
 
     with_prompt = result.final
-    no_prompt = _without_prompt(engine, model, val) if prompt is not None else with_prompt
+    no_prompt = with_prompt
+    if prompt is not None:
+        with model.without_input_transform():
+            no_prompt = evaluate(engine, model, val)
     headline = with_prompt if cfg.prompt.headline == "prompt" else no_prompt
     dense_top1 = (ctx.run.summary("dense")["top1"] if ctx.run.is_done("dense")
                   else evaluate(engine, engine.prepare_module(ImageClassifier(dense)), val)["top1"])
@@ -107,11 +108,3 @@ def run_finetune(ctx: StageContext) -> dict:
     engine.barrier()
     return summary
 
-
-def _without_prompt(engine, model: ImageClassifier, loader) -> dict:
-    prompt = model.input_transform
-    model.input_transform = nn.Identity()
-    try:
-        return evaluate(engine, model, loader)
-    finally:
-        model.input_transform = prompt

@@ -7,12 +7,14 @@ from omegaconf import DictConfig
 
 from ..distributed import detect_env
 from ..engines import make_engine
+from ..models import has_weights
 from ..run_dir import RunDir
 from .context import StageContext, StageNotImplemented
 from .dense import run_dense
 from .evaluate import run_eval
 from .finetune import run_finetune
 from .search import run_search
+from .sources import require_structured
 
 
 STAGE_FUNCTIONS = {"dense": run_dense, "search": run_search, "finetune": run_finetune, "eval": run_eval}
@@ -24,19 +26,16 @@ def plan(cfg: DictConfig) -> list[str]:
         return [cfg.stage]
     if cfg.method.name == "dense":
         return ["dense", "eval"]
-    pretrained = cfg.model.weights not in (None, "none")
+    pretrained = has_weights(cfg.model.weights)
     return ([] if pretrained else ["dense"]) + ["search", "finetune", "eval"]
-
-
-NOT_BUILT = {"vpns"}  # methods whose search/finetune stages do not exist yet
 
 
 def run_stages(cfg: DictConfig) -> dict:
     """Run the planned stages; returns the last stage's summary. Done stages are skipped."""
-    if cfg.method.name in NOT_BUILT and set(plan(cfg)) & {"search", "finetune"}:
-        # Say so before a dense stage spends hours on a pipeline that cannot finish.
-        raise StageNotImplemented(f"stage={'search' if cfg.stage == 'all' else cfg.stage} for "
-                                  f"method={cfg.method.name} is not implemented yet")
+    for stage in plan(cfg):
+        if stage in ("search", "finetune"):
+            # Checked up front: a dense stage must not spend hours on a pipeline that cannot finish.
+            require_structured(cfg.method.name, stage)
     engine = make_engine(cfg.engine, detect_env())
     try:
         if cfg.resume == "never":

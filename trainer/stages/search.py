@@ -27,7 +27,7 @@ from ..loop import evaluate, fit
 from ..models import ImageClassifier, count_macs, count_parameters
 from ..run_dir import write_json
 from .context import StageContext
-from .sources import dense_backbone, require_structured, make_prompt
+from .sources import dense_backbone, make_prompt
 
 SEARCH_STATE_FILE = "search.pt"
 
@@ -35,7 +35,6 @@ SEARCH_STATE_FILE = "search.pt"
 def run_search(ctx: StageContext) -> dict:
     cfg, engine = ctx.cfg, ctx.engine
     method = cfg.method.name
-    require_structured(method, "search")
     files = prepare_data(cfg.data, is_writer=engine.is_main, barrier=engine.barrier, log=ctx.say)
     torch.manual_seed(cfg.seed)  # same hypernetwork initialisation on every process and restart
     backbone, source = dense_backbone(ctx, files, "search")

@@ -1,4 +1,4 @@
-"""Where pruning stages get their inputs: the dense network and a fresh prompt."""
+"""What the pruning stages share: which methods they serve, the dense network, a fresh prompt."""
 from __future__ import annotations
 
 from omegaconf import DictConfig
@@ -6,13 +6,11 @@ from torch import nn
 
 from pruning.prompt import PadPrompt
 
+from ..config.schema import STRUCTURED_METHODS
 from ..data import DataFiles
-from ..models import build_backbone
+from ..models import build_backbone, has_weights
 from .context import StageContext, StageNotImplemented
 from .product import PRODUCT_FILE, load_product
-
-
-STRUCTURED_METHODS = ("pass", "l1", "random", "uniform")
 
 
 def require_structured(method: str, stage: str) -> None:
@@ -27,7 +25,7 @@ def dense_backbone(ctx: StageContext, files: DataFiles, stage: str) -> tuple[nn.
     """The trained dense backbone pruning starts from: model.weights, else this run's dense stage."""
     cfg = ctx.cfg
     weights = cfg.model.weights
-    if weights not in (None, "none"):
+    if has_weights(weights):
         return build_backbone(cfg.model.name, files.num_classes, cfg.data.res, weights), f"model.weights={weights}"
     directory = ctx.run.result("dense")
     if not (directory / PRODUCT_FILE).exists():
