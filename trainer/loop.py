@@ -12,6 +12,7 @@ RNG state and elapsed wall time.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 import time
@@ -68,6 +69,11 @@ def evaluate(engine: Engine, model: torch.nn.Module, loader, loss_fn=None) -> di
             "loss": sums[0].item() / n, "count": int(sums[3].item())}
 
 
+def _view_losses(views, summed: torch.Tensor) -> dict:
+    """Mean loss of every view after the first, named loss_<view>."""
+    return {f"loss_{name}": summed[2 + i].item() / summed[2].item() for i, (name, _) in enumerate(views[1:], 1)}
+
+
 def _say(engine: Engine, msg: str) -> None:
     if engine.is_main:
         tqdm.write(msg, file=sys.stdout)
@@ -75,19 +81,29 @@ def _say(engine: Engine, msg: str) -> None:
 
 def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig, train_loader,
         val_loader, stage_dir: Path, checkpoint_cfg: DictConfig, log_cfg: DictConfig,
-        loss_fn: Callable, resume: bool, desc: str) -> FitResult:
-    """Train `params` of `model` for `schedule.epochs`, resuming from the stage's checkpoints if any."""
+        loss_fn: Callable, resume: bool, desc: str,
+        views: list[tuple[str, Callable]] | None = None) -> FitResult:
+    """Train `params` of `model` for `schedule.epochs`, resuming from the stage's checkpoints if any.
+
+    `views`: (name, context factory) pairs; every batch takes one optimizer step
+    per view. The first view's loss and accuracy are the epoch's headline.
+    """
+    views = views or [("", contextlib.nullcontext)]
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise ValueError(f"the training set has fewer images than one batch per process "
                          f"({train_loader.batch_size}); lower data.batch_size")
     optimizer = make_optimizer(params, schedule)
-    engine.wrap(model, optimizer, make_scheduler(optimizer, schedule, steps_per_epoch))
+    # A later view may leave parameters unused (the prompt, in the step without it): DDP must then
+    # look for them, and leaves their gradient unset so the optimizer skips them in that step.
+    engine.wrap(model, optimizer, make_scheduler(optimizer, schedule, steps_per_epoch * len(views)),
+                find_unused_parameters=len(views) > 1)
     store = CheckpointStore(stage_dir / "checkpoints", keep=checkpoint_cfg.keep)
     log = MetricsLog(stage_dir / "metrics.jsonl", enabled=engine.is_main)
 
     epoch, batch, step, elapsed = 0, 0, 0, 0.0
-    meters = torch.zeros(3, dtype=torch.float64, device=engine.device)  # loss sum, correct, count
+    # loss sum, correct, count (first view), then the loss sum of every further view
+    meters = torch.zeros(2 + len(views), dtype=torch.float64, device=engine.device)
     history: list[dict] = []
     result = FitResult()
     ckpt = store.load_latest(log=lambda m: _say(engine, m)) if resume else None
@@ -128,22 +144,27 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
                    desc=f"{desc} {epoch + 1}/{schedule.epochs}", disable=not (engine.is_main and log_cfg.progress),
                    mininterval=1 if interactive else 30, dynamic_ncols=True, leave=False)
         for batch, (images, labels, _) in enumerate(bar, start=start_batch):
-            with engine.autocast():
-                logits, extra = split_output(engine.module(images))
-                loss = loss_fn(logits.float(), labels)
-                if extra is not None:
-                    loss = loss + extra.float()
-            engine.backward(loss)
-            engine.step(schedule.grad_clip)
+            losses = []
+            for view_index, (_, view) in enumerate(views):
+                with view(), engine.autocast():
+                    out, extra = split_output(engine.module(images))
+                    loss = loss_fn(out.float(), labels)
+                    if extra is not None:
+                        loss = loss + extra.float()
+                engine.backward(loss)
+                engine.step(schedule.grad_clip)
+                losses.append(loss.detach().double() * len(labels))
+                if view_index == 0:
+                    logits = out.detach()
             step += 1
             seen += len(labels)
-            meters += torch.stack([loss.detach().double() * len(labels), topk_correct(logits, labels, ks=(1,))[0].double(),
-                                   torch.tensor(float(len(labels)), device=engine.device, dtype=torch.float64)])
+            count = torch.tensor(float(len(labels)), device=engine.device, dtype=torch.float64)
+            meters += torch.stack([losses[0], topk_correct(logits, labels, ks=(1,))[0].double(), count, *losses[1:]])
             if step % log_cfg.every_steps == 0:
                 running = engine.all_reduce_sum(meters.clone())
                 record = {"kind": "train", "step": step, "epoch": epoch + (batch + 1) / steps_per_epoch,
                           "loss": running[0].item() / running[2].item(), "lr": engine.scheduler.get_last_lr()[0],
-                          **getattr(model, "last", {})}
+                          **_view_losses(views, running), **getattr(model, "last", {})}
                 log.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
             if checkpoint_cfg.every_steps and step % checkpoint_cfg.every_steps == 0 and batch + 1 < steps_per_epoch:
@@ -156,6 +177,7 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
                   "train_loss": train[0].item() / train[2].item(), "train_top1": 100 * train[1].item() / train[2].item(),
                   "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
                   "lr": engine.scheduler.get_last_lr()[0], "epoch_seconds": seconds,
+                  **{f"train_{k}": v for k, v in _view_losses(views, train).items()},
                   "images_per_second": seen * engine.world_size / max(seconds, 1e-9), **getattr(model, "last", {})}
         history.append(record)
         log.write(record)

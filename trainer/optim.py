@@ -11,6 +11,8 @@ def make_optimizer(params, s: DictConfig) -> torch.optim.Optimizer:
     if s.optimizer == "sgd":
         return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, nesterov=s.nesterov and s.momentum > 0,
                                weight_decay=s.weight_decay)
+    if s.optimizer == "adam":  # L2 penalty in the gradient, as the VPNs reference trains its scores
+        return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
     return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
 
 

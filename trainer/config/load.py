@@ -2,7 +2,9 @@
 
     python slurm/launch.py model=resnet50 data=imagenet dense.epochs=90
 
-A `group=option` token picks configs/<group>/<option>.yaml; a dotted `key=value`
+A `group=option` token picks configs/<group>/<option>.yaml (its keys go under
+the group; its `_global_:` block, if any, sets keys elsewhere, e.g. a method's
+search schedule); a dotted `key=value`
 token overrides one key. Everything is checked against the dataclass schema in
 `schema.py`; problems raise ConfigError with a one-line message that names the
 key and what is allowed (the launcher prints it without a traceback).
@@ -132,10 +134,17 @@ def load_config(tokens: list[str], configs_dir: Path = CONFIGS_DIR) -> DictConfi
     selections.update(group_tokens)
 
     cfg = root_config()
+    section_defaults = []
     for group in GROUPS:
         option = selections[group]
-        _merge_file(cfg, _load_yaml(configs_dir / group / f"{option}.yaml"),
-                    f"configs/{group}/{option}.yaml", prefix=f"{group}.")
+        where = f"configs/{group}/{option}.yaml"
+        content = _load_yaml(configs_dir / group / f"{option}.yaml")
+        # `_global_:` in a group file sets keys outside its group (a method's own search schedule).
+        if "_global_" in content:
+            section_defaults.append((content.pop("_global_"), f"{where} (_global_)"))
+        _merge_file(cfg, content, where, prefix=f"{group}.")
+    for content, where in section_defaults:
+        _merge_file(cfg, content, where)
     root_body = OmegaConf.create({k: v for k, v in root.items() if k != "defaults"})
     _merge_file(cfg, root_body, "configs/config.yaml")
 

@@ -76,10 +76,14 @@ class ClusterConfig:
 
 
 STRUCTURED_METHODS = ("pass", "l1", "random", "uniform")
-# The same sets as pruning.prompt.PROMPT_VARIANTS and pruning.hypernet.BUDGET_LOSSES, restated so the
-# config layer stays free of torch (--help and print_config start fast); tests/test_config.py checks they agree.
+UNSTRUCTURED_METHODS = ("vpns", "hydra", "omp", "random_unstructured")
+# The same sets as pruning.prompt.PROMPT_VARIANTS, pruning.hypernet.BUDGET_LOSSES and pruning.scores.THRESHOLDS,
+# restated so the config layer stays free of torch (--help and print_config start fast); tests/test_config.py
+# checks they agree.
 PROMPT_VARIANTS = ("pad", "expand", "full")
 BUDGET_LOSSES = ("square", "abs", "log")
+THRESHOLDS = ("global", "layer")
+HEADS = ("auto", "keep", "map", "new")
 
 
 @dataclass
@@ -113,10 +117,18 @@ class PassConfig:
 
 
 @dataclass
+class VpnsConfig:
+    threshold: str = _f("global", "global: one score threshold over all scored layers; layer: the same density per layer")
+    dual_step: bool = _f(True, "after the step on the prompted batch, a second step on the same batch without the prompt")
+    exclude_first: bool = _f(False, "do not score (prune) the first conv / patch embedding")
+    exclude_classifier: bool = _f(False, "do not score (prune) the classifier")
+
+
+@dataclass
 class ScheduleConfig:
     epochs: int = _f(8, "training epochs of this stage")
     lr: float = _f(0.1, "peak learning rate")
-    optimizer: str = _f("sgd", "sgd or adamw")
+    optimizer: str = _f("sgd", "sgd, adam (L2 weight decay) or adamw (decoupled weight decay)")
     momentum: float = _f(0.9, "SGD momentum")
     nesterov: bool = _f(False, "Nesterov momentum for SGD")
     weight_decay: float = _f(5e-4, "weight decay")
@@ -156,6 +168,9 @@ class RootConfig:
     seed: int = _f(0, "seed for initialisation, data order and augmentation")
     resume: str = _f("auto", "auto: continue from the last good checkpoint; never: start a fresh run named <run>-<timestamp>")
     print_config: bool = _f(False, "print the resolved config and exit")
+    head: str = _f("auto", "unstructured methods, when the dense classifier's size differs from the data's classes: "
+                           "map (frequency label mapping), new (fresh trained head); auto: map for torchvision "
+                           "weights, new otherwise; keep: require equal sizes")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -163,6 +178,7 @@ class RootConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    vpns: VpnsConfig = field(default_factory=VpnsConfig)
     dense: ScheduleConfig = _schedule(epochs=8, lr=0.1, optimizer="sgd", weight_decay=5e-4)
     search: ScheduleConfig = _schedule(epochs=3, lr=1e-3, optimizer="adamw", weight_decay=1e-2)
     finetune: FinetuneConfig = _schedule(FinetuneConfig, epochs=5, lr=0.01, optimizer="sgd", weight_decay=1e-4)
@@ -171,7 +187,7 @@ class RootConfig:
 
 
 # Keys whose value must be one of a fixed set (checked after merging).
-_SCHEDULE_CHOICES = {"optimizer": ("sgd", "adamw"), "schedule": ("cosine", "step", "constant")}
+_SCHEDULE_CHOICES = {"optimizer": ("sgd", "adam", "adamw"), "schedule": ("cosine", "step", "constant")}
 CHOICES = {
     "stage": STAGES,
     "resume": ("auto", "never"),
@@ -182,6 +198,8 @@ CHOICES = {
     "prompt.variant": PROMPT_VARIANTS,
     "prompt.headline": ("prompt", "no_prompt"),
     "pass.budget_loss": BUDGET_LOSSES,
+    "vpns.threshold": THRESHOLDS,
+    "head": HEADS,
     **{f"{s}.{k}": v for s in ("dense", "search", "finetune") for k, v in _SCHEDULE_CHOICES.items()},
 }
 

@@ -89,8 +89,12 @@ class Engine(ABC):
         return model
 
     @abstractmethod
-    def wrap(self, model: torch.nn.Module, optimizer, scheduler) -> None:
-        """Take ownership of the (prepared) module, its optimizer and its per-step schedule."""
+    def wrap(self, model: torch.nn.Module, optimizer, scheduler, find_unused_parameters: bool = False) -> None:
+        """Take ownership of the (prepared) module, its optimizer and its per-step schedule.
+
+        `find_unused_parameters`: some steps leave trainable parameters out of the forward; their
+        gradient must then stay unset (not zero) so that the optimizer skips them.
+        """
 
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None: ...

@@ -8,7 +8,7 @@ from .base import Engine
 
 
 class DDPEngine(Engine):
-    def wrap(self, model, optimizer, scheduler) -> None:
+    def wrap(self, model, optimizer, scheduler, find_unused_parameters: bool = False) -> None:
         if self.world_size > 1 and self.cfg.sync_bn:
             if self.device.type != "cuda":
                 raise ValueError("engine.sync_bn=true needs GPUs: torch's SyncBatchNorm has no CPU implementation")
@@ -17,7 +17,7 @@ class DDPEngine(Engine):
         self.optimizer, self.scheduler = optimizer, scheduler
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.module = DistributedDataParallel(model, device_ids=ids)
+            self.module = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
         else:
             self.module = model
 

@@ -49,6 +49,21 @@ def build_backbone(name: str, num_classes: int, image_size: int, weights: str | 
     return model
 
 
+def weights_num_classes(name: str, weights: str, image_size: int) -> int | None:
+    """Outputs of the classifier stored in `weights` (None when the file holds no classifier)."""
+    weights = str(weights).strip()
+    if not _looks_like_path(weights):
+        return len(_resolve_weights(name, weights).meta["categories"])
+    head = classifier_name(_build_arch(name, 2, image_size))
+    state = _load_local(weights)
+    return state[f"{head}.weight"].shape[0] if f"{head}.weight" in state else None
+
+
+def is_torchvision_weights(weights: str | None) -> bool:
+    """A torchvision weights name (ImageNet-trained), as opposed to a checkpoint path."""
+    return has_weights(weights) and not _looks_like_path(str(weights).strip())
+
+
 def has_weights(weights: str | None) -> bool:
     """Whether `model.weights` names any weights ("none", "" and null mean a random initialisation)."""
     return weights is not None and str(weights).strip().lower() not in ("", "none")

@@ -35,3 +35,42 @@ def count_macs(model: nn.Module, res: int) -> int:
         model(x)
     model.train(was_training)
     return int(counter.get_total_flops()) // 2
+
+
+@torch.no_grad()
+def weight_macs(model: nn.Module, res: int, keys: list[str]) -> dict[str, int]:
+    """Per-image multiply-accumulates spent on each weight in `keys` ("layer1.0.conv1.weight").
+
+    Every weight entry of a Conv2d/Linear is used once per output position (pixel or token),
+    so a layer costs positions x weight entries; an unstructured mask that skipped its zero
+    weights would save (1 - density) of that. MultiheadAttention's `in_proj_weight` is used once
+    per token.
+    """
+    modules = {key.rpartition(".")[0]: key for key in keys}
+    positions: dict[str, int] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention) and f"{name}.out_proj" in modules:
+            # MultiheadAttention applies out_proj's weight itself, without calling out_proj: one use per token.
+            hook = lambda m, args, kwargs, out, name=name: positions.__setitem__(f"{name}.out_proj", args[0].shape[-2])
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        if name not in modules:
+            continue
+        if isinstance(module, nn.MultiheadAttention):
+            hook = lambda m, args, kwargs, out, name=name: positions.__setitem__(name, args[0].shape[-2])
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        else:
+            channels = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
+            hook = lambda m, args, out, name=name, c=channels: positions.__setitem__(name, out[0].numel() // c)
+            handles.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    param = next(model.parameters())
+    try:
+        model(torch.zeros(1, 3, res, res, device=param.device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    params = dict(model.named_parameters())
+    return {key: positions[module] * params[key].numel() for module, key in modules.items()}

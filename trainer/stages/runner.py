@@ -14,10 +14,19 @@ from .dense import run_dense
 from .evaluate import run_eval
 from .finetune import run_finetune
 from .search import run_search
-from .sources import require_structured
-
+from .sources import is_unstructured, require_pruning_method
+from .sparse_finetune import run_sparse_finetune
+from .sparse_search import run_sparse_search
 
 STAGE_FUNCTIONS = {"dense": run_dense, "search": run_search, "finetune": run_finetune, "eval": run_eval}
+# search and finetune of the unstructured methods (vpns, hydra, omp, random_unstructured)
+SPARSE_STAGE_FUNCTIONS = {"search": run_sparse_search, "finetune": run_sparse_finetune}
+
+
+def stage_function(stage: str, method: str):
+    if is_unstructured(method) and stage in SPARSE_STAGE_FUNCTIONS:
+        return SPARSE_STAGE_FUNCTIONS[stage]
+    return STAGE_FUNCTIONS[stage]
 
 
 def plan(cfg: DictConfig) -> list[str]:
@@ -35,7 +44,7 @@ def run_stages(cfg: DictConfig) -> dict:
     for stage in plan(cfg):
         if stage in ("search", "finetune"):
             # Checked up front: a dense stage must not spend hours on a pipeline that cannot finish.
-            require_structured(cfg.method.name, stage)
+            require_pruning_method(cfg.method.name, stage)
     engine = make_engine(cfg.engine, detect_env())
     try:
         if cfg.resume == "never":
@@ -53,7 +62,7 @@ def run_stages(cfg: DictConfig) -> dict:
                 ctx.say(f"{stage}: already done ({run.result(stage)}), skipping")
                 summary = run.summary(stage)
                 continue
-            summary = STAGE_FUNCTIONS[stage](ctx)
+            summary = stage_function(stage, cfg.method.name)(ctx)
             if stage != "eval":
                 ctx.say(f"{stage}: top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%  "
                         f"{summary['params'] / 1e6:.2f} M params  {summary['flops'] / 1e6:.1f} M MACs  "

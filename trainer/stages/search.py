@@ -10,10 +10,7 @@ hypernetwork and the prompt, which finetune starts from).
 """
 from __future__ import annotations
 
-import hashlib
-
 import torch
-import torch.distributed as dist
 
 from pruning.baselines import select_baseline
 from pruning.extract import STRUCTURE_FILE, choose_channels, extract, make_structure
@@ -27,7 +24,7 @@ from ..loop import evaluate, fit
 from ..models import ImageClassifier, count_macs, count_parameters
 from ..run_dir import write_json
 from .context import StageContext
-from .sources import dense_backbone, make_prompt
+from .sources import dense_backbone, make_prompt, same_on_every_rank
 
 SEARCH_STATE_FILE = "search.pt"
 
@@ -115,20 +112,13 @@ def _search_pass(ctx: StageContext, files, backbone):
     end = [(l > 0).float() for l in logits]
     kept = choose_channels(logits, net.flops, cfg.pruning.flops_ratio, min_keep=cfg.pruning.min_keep,
                            round_to=cfg.pruning.round_to)
-    digest = hashlib.sha256(torch.cat(end).numpy().tobytes()).hexdigest()[:16]
-    digests = [digest]
-    if engine.world_size > 1:  # every process must hold the same decision (DDP keeps the hypernetworks equal)
-        digests = [None] * engine.world_size
-        dist.all_gather_object(digests, digest)
     extra = {
-        "mask_digest_per_rank": digests,
+        "mask_digest_per_rank": same_on_every_rank(engine, end, "hypernetwork masks"),
         "mask_flops_ratio_start": float(net.flops.ratio([m.sum() for m in start])),
         "mask_flops_ratio_end": float(net.flops.ratio([m.sum() for m in end])),
         "mask_channels_changed": int(sum((a.cpu() != b).sum() for a, b in zip(start, end))),
         "offset_bisection": "global logit offset, FLOPs <= target",
     }
-    if len(set(digests)) != 1:
-        raise RuntimeError(f"the processes' hypernetwork masks differ after search: {digests}")
     ctx.say(f"search: hypernetwork masks keep {extra['mask_flops_ratio_end']:.3f} of the dense FLOPs "
             f"({extra['mask_channels_changed']} channels changed since the start); extraction keeps "
             f"{net.flops.ratio([len(k) for k in kept]):.3f} (target {cfg.pruning.flops_ratio})")

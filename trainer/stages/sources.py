@@ -1,24 +1,44 @@
 """What the pruning stages share: which methods they serve, the dense network, a fresh prompt."""
 from __future__ import annotations
 
+import hashlib
+
+import torch
+import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
 
 from pruning.prompt import PadPrompt
 
-from ..config.schema import STRUCTURED_METHODS
+from ..config.schema import STRUCTURED_METHODS, UNSTRUCTURED_METHODS
 from ..data import DataFiles
 from ..models import build_backbone, has_weights
 from .context import StageContext, StageNotImplemented
 from .product import PRODUCT_FILE, load_product
 
 
-def require_structured(method: str, stage: str) -> None:
-    """The search/finetune stages here serve the structured methods only."""
+def require_pruning_method(method: str, stage: str) -> None:
+    """The search/finetune stages serve the structured and the unstructured pruning methods."""
     if method == "dense":
         raise StageNotImplemented(f"method=dense has no {stage} stage")
-    if method not in STRUCTURED_METHODS:
-        raise StageNotImplemented(f"stage={stage} for method={method} is not implemented yet")
+    if method not in STRUCTURED_METHODS + UNSTRUCTURED_METHODS:
+        raise StageNotImplemented(f"stage={stage} for method={method} is not implemented")
+
+
+def is_unstructured(method: str) -> bool:
+    return method in UNSTRUCTURED_METHODS
+
+
+def same_on_every_rank(engine, masks: list[torch.Tensor], what: str) -> list[str]:
+    """Every process's digest of `masks`; raises if the processes' decisions differ."""
+    digest = hashlib.sha256(b"".join(m.detach().cpu().contiguous().numpy().tobytes() for m in masks)).hexdigest()[:16]
+    digests = [digest]
+    if engine.world_size > 1:  # DDP keeps what decides the masks equal, so the masks must be equal too
+        digests = [None] * engine.world_size
+        dist.all_gather_object(digests, digest)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"the processes' {what} differ after search: {digests}")
+    return digests
 
 
 def dense_backbone(ctx: StageContext, files: DataFiles, stage: str) -> tuple[nn.Module, str]:

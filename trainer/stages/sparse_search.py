@@ -1,0 +1,129 @@
+"""Search stage of the unstructured methods: decide which weights the network keeps.
+
+`vpns` trains one score per weight and the visual prompt with every weight
+and norm affine parameter frozen (norm statistics still update), one
+optimizer step on the prompted batch and, with `vpns.dual_step`, a second on
+the same batch without the prompt. `hydra` is the same search without the
+prompt and (by default) with a per-layer threshold. `omp` and
+`random_unstructured` only choose a mask: the largest |W| overall, or random
+weights. Every method meets `pruning.density` exactly (METHODS.md 3, 4).
+
+The stage publishes `masks.pt` (one boolean mask per scored weight, keyed
+by the weight's state-dict name), `model.pt` (the masked network: the dense
+weights with zeros where masked, the norm statistics of the search, the
+classifier after label mapping, and the searched prompt) and its summary.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from pruning.scores import ScoreMasks, density_report, magnitude_masks, random_masks, scorable_weights, zero_masked
+
+from ..data import prepare_data
+from ..loop import evaluate, fit
+from ..models import ImageClassifier, count_macs, count_parameters, weight_macs
+from ..run_dir import write_json
+from .context import StageContext
+from .heads import backbone_with_head, classifier_parameters
+from .product import save_product
+from .sources import make_prompt, same_on_every_rank
+
+MASKS_FILE = "masks.pt"
+TRAINED_METHODS = ("vpns", "hydra")
+
+
+def prompt_views(model: ImageClassifier, dual_step: bool) -> list:
+    """The optimizer steps of one batch: prompted, then (dual step) the same batch without the prompt."""
+    views = [("prompt", contextlib.nullcontext)]
+    if dual_step:
+        views.append(("no_prompt", model.without_input_transform))
+    return views
+
+
+def sparsity_summary(backbone, masks: dict, res: int, density_target: float) -> dict:
+    """Density target/achieved, per layer, and the MACs a sparse kernel could skip."""
+    report = density_report(masks)
+    macs = weight_macs(backbone, res, list(masks))
+    dense = count_macs(backbone, res)
+    skipped = sum(macs[k] * (1 - report["per_layer"][k]) for k in masks)
+    return {"density_target": density_target, "density_achieved": report["density"],
+            "weights_kept": report["kept"], "weights_scored": report["total"],
+            "density_per_layer": report["per_layer"], "flops": dense, "flops_dense": dense,
+            "flops_sparse": int(round(dense - skipped)),
+            "flops_unit": "multiply-accumulates per image (flops_sparse: if masked weights were skipped)"}
+
+
+def run_sparse_search(ctx: StageContext) -> dict:
+    cfg, engine = ctx.cfg, ctx.engine
+    method, density = cfg.method.name, cfg.pruning.density
+    files = prepare_data(cfg.data, is_writer=engine.is_main, barrier=engine.barrier, log=ctx.say)
+    torch.manual_seed(cfg.seed)  # same scores, head and prompt on every process and every restart
+    backbone, source, head = backbone_with_head(ctx, files)
+    ctx.say(f"search: {method} on {cfg.model.name} from {source}, target density {density}")
+    val = ctx.val_loader(files)
+    dense_top1 = evaluate(engine, engine.prepare_module(ImageClassifier(backbone)), val)["top1"]
+
+    v = cfg.vpns
+    result, prompt = None, None
+    if method in TRAINED_METHODS:
+        prompt = make_prompt(cfg) if method == "vpns" else None
+        for p in backbone.parameters():  # weights and norm affine frozen; the norms' statistics still update
+            p.requires_grad_(False)
+        if head["head"] == "new":
+            for p in classifier_parameters(backbone):
+                p.requires_grad_(True)
+        scores = ScoreMasks(backbone, density, threshold=v.threshold, exclude_first=v.exclude_first,
+                            exclude_classifier=v.exclude_classifier)
+        model = engine.prepare_module(ImageClassifier(backbone, prompt))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        ctx.say(f"search: {len(scores.weights)} scored layers, {scores.total():,} scored weights, "
+                f"{v.threshold} threshold, prompt {prompt.effective_parameters if prompt else 0:,} effective "
+                f"parameters, {'dual' if prompt is not None and v.dual_step else 'single'} step")
+        result = fit(engine=engine, model=model, params=trainable, schedule=cfg.search,
+                     train_loader=ctx.train_loader(files), val_loader=val, stage_dir=ctx.run.stage("search"),
+                     checkpoint_cfg=cfg.checkpoint, log_cfg=cfg.log, loss_fn=ctx.loss_fn(cfg.search),
+                     resume=cfg.resume == "auto", desc="search",
+                     views=prompt_views(model, v.dual_step) if prompt is not None else None)
+        masks = scores.remove()
+        backbone = model.backbone
+    else:
+        weights = scorable_weights(backbone, exclude_first=v.exclude_first, exclude_classifier=v.exclude_classifier)
+        masks = (magnitude_masks(weights, density) if method == "omp"
+                 else random_masks(weights, density, seed=cfg.seed))
+        model = engine.prepare_module(ImageClassifier(backbone))
+
+    digests = same_on_every_rank(engine, list(masks.values()), "masks")
+    zero_masked(model.backbone, masks)  # the product is the masked network
+    with_prompt = evaluate(engine, model, val)
+    no_prompt = with_prompt
+    if prompt is not None:
+        with model.without_input_transform():
+            no_prompt = evaluate(engine, model, val)
+    summary = {
+        "stage": "search", "method": method, "model": cfg.model.name, "data": cfg.data.name,
+        "top1": with_prompt["top1"], "top5": with_prompt["top5"], "top1_meaning": "masked network before finetune",
+        "top1_prompt": with_prompt["top1"] if prompt is not None else None, "top1_no_prompt": no_prompt["top1"],
+        "top1_dense": dense_top1, **sparsity_summary(model.backbone, masks, cfg.data.res, density),
+        "params": count_parameters(model.backbone), "threshold": v.threshold if method in TRAINED_METHODS else
+        ("global" if method == "omp" else "random"), **head,
+        "epochs": cfg.search.epochs if method in TRAINED_METHODS else 0,
+        "images_per_second": result.images_per_second if result else 0.0,
+        "wall_seconds": result.wall_seconds if result else 0.0,
+        "resumed_from": result.resumed_from if result else None,
+        "dense_source": source, "world_size": engine.world_size, "mask_digest_per_rank": digests,
+    }
+    ctx.say(f"search: {method} keeps {summary['weights_kept']:,} of {summary['weights_scored']:,} scored weights "
+            f"(density {summary['density_achieved']:.4f}, target {density}); masked network top-1 "
+            f"{summary['top1']:.2f}% (dense {dense_top1:.2f}%)")
+
+    def write(d):
+        save_product(d, model, arch=cfg.model.name, classes=files.classes, res=cfg.data.res)
+        torch.save(masks, d / MASKS_FILE)
+        write_json(d / "summary.json", summary)
+
+    if engine.is_main:
+        ctx.run.publish("search", write)
+    engine.barrier()
+    return summary
