@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from functools import partial
 
 import torch
@@ -81,8 +82,12 @@ def scorable_weights(model: nn.Module, *, exclude_first: bool = False,
 
 
 def pruned_count(n: int, density: float) -> int:
-    """k = floor((1 - density) * n): how many of n weights are masked."""
-    return min(n, max(0, math.floor((1.0 - density) * n)))
+    """k = floor((1 - density) * n): how many of n weights are masked.
+
+    Computed on the decimal the density was written as (0.9, not 0.9000000000000000222),
+    so that 1 - 0.9 is exactly 0.1 and the kept count is exactly ceil(density * n).
+    """
+    return min(n, max(0, math.floor((1 - Fraction(repr(float(density)))) * n)))
 
 
 def _keep_top_flat(values: torch.Tensor, density: float) -> torch.Tensor:
@@ -155,7 +160,11 @@ class ScoreMasks:
         return [w.module._parameters[w.param_name + SCORE_SUFFIX] for w in self.weights]
 
     def masks(self) -> list[torch.Tensor]:
-        """The current hard masks (bool), recomputed only when a score tensor changed."""
+        """The current hard masks (bool), recomputed only when a score tensor changed.
+
+        "Changed" is read from each score's storage and in-place version counter, which
+        optimizer steps, `copy_` and `load_state_dict` advance; edits through `.data` do not.
+        """
         scores = self.scores()
         key = tuple((s.data_ptr(), s._version) for s in scores)
         if key != self._cache_key:

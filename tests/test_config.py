@@ -111,8 +111,23 @@ def test_synthetic_class_limit_matches_the_generator():
 def test_schema_choices_match_the_pruning_code():
     from pruning.hypernet import BUDGET_LOSSES
     from pruning.prompt import PROMPT_VARIANTS
+    from pruning.scores import THRESHOLDS
     from trainer.config import schema
     from trainer.config.load import group_options
 
     assert schema.PROMPT_VARIANTS == PROMPT_VARIANTS and schema.BUDGET_LOSSES == BUDGET_LOSSES
-    assert set(schema.STRUCTURED_METHODS) <= set(group_options("method"))
+    assert schema.THRESHOLDS == THRESHOLDS
+    assert set(schema.STRUCTURED_METHODS + schema.UNSTRUCTURED_METHODS) <= set(group_options("method"))
+
+
+def test_a_method_file_sets_its_own_search_schedule():
+    """configs/method/vpns.yaml's `_global_` block sets search.*; the command line still wins."""
+    from trainer.config.load import load_config
+    vpns = load_config(["method=vpns", "runs_dir=/nonexistent"])
+    assert (vpns.search.optimizer, vpns.search.lr, vpns.search.weight_decay) == ("adam", 1e-4, 1e-4)
+    hydra = load_config(["method=hydra", "runs_dir=/nonexistent"])
+    assert hydra.vpns.threshold == "layer"
+    override = load_config(["method=vpns", "search.lr=0.003", "runs_dir=/nonexistent"])
+    assert override.search.lr == 0.003
+    default = load_config(["method=pass", "runs_dir=/nonexistent"])
+    assert default.search.optimizer == "adamw"

@@ -1,0 +1,245 @@
+"""VPNs and the unstructured baselines through the real launcher: search, finetune, DDP, resume, export."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import TINY, child_env, launch, read_json, run_and_kill_at_step
+
+pytestmark = pytest.mark.slow
+
+# Few images, short stages; a high score lr so the masks move within a few steps.
+SEARCH = ["search.epochs=2", "search.lr=0.01", "finetune.epochs=1", "pruning.density=0.1"]
+
+
+def _args(runs, beton_dir, *extra, method="vpns"):
+    return [f"method={method}", "run=r", f"runs_dir={runs}", f"data.beton_dir={beton_dir}", *TINY, *SEARCH, *extra]
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory, beton_dir):
+    """One trained dense network; every test copies its run directory."""
+    runs = tmp_path_factory.mktemp("dense")
+    out = launch(_args(runs, beton_dir, "stage=dense", "dense.epochs=2"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    return runs
+
+
+def _copy_dense(dense_run, tmp_path):
+    """A new runs directory whose run 'r' has only the finished dense stage."""
+    shutil.copytree(dense_run / "r" / "dense", tmp_path / "runs" / "r" / "dense")
+    return tmp_path / "runs"
+
+
+def _checkpoints(stage_dir):
+    return sorted((stage_dir / "checkpoints").glob("*.pt"))
+
+
+def _model_state(path):
+    return torch.load(path, weights_only=False)["engine"]["model"]
+
+
+def _backbone(state):
+    return {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+
+
+def _is_norm_statistic(key):
+    return key.endswith(("running_mean", "running_var", "num_batches_tracked"))
+
+
+def test_search_trains_only_scores_and_prompt(dense_run, tmp_path, beton_dir):
+    """Every weight and norm affine parameter is bitwise the dense one; the scores and prompt moved."""
+    runs = _copy_dense(dense_run, tmp_path)
+    out = launch(_args(runs, beton_dir, "stage=search"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    dense = torch.load(runs / "r/dense/result/model.pt", weights_only=True)["model"]
+    state = _model_state(runs / "r/search/checkpoints/last.pt")
+    backbone = _backbone(state)
+    scores = {k: v for k, v in backbone.items() if k.endswith("_score")}
+    assert {k[:-len("_score")] for k in scores} == {k for k in dense if k.endswith("weight") and dense[k].dim() > 1}
+    changed = [k for k in dense if not _is_norm_statistic(k) and not torch.equal(dense[k], backbone[k])]
+    assert not changed, f"search changed weights: {changed[:5]}"
+    assert state["input_transform.program"].abs().sum() > 0, "the prompt did not train"
+
+    from pruning.scores import initial_scores, keep_top
+    start = keep_top([initial_scores(dense[k[:-len("_score")]]).abs() for k in scores], 0.1)
+    end = keep_top([v.abs() for v in scores.values()], 0.1)
+    moved = sum(int((a != b).sum()) for a, b in zip(start, end))
+    assert moved > 0, "the scores never changed the mask"
+
+    summary = read_json(runs / "r/search/result/summary.json")
+    assert summary["weights_kept"] == summary["weights_scored"] - int(0.9 * summary["weights_scored"])
+    assert abs(summary["density_achieved"] - 0.1) * summary["weights_scored"] <= len(scores)
+    # The published masked network: kept weights are the dense ones, masked ones are zero.
+    product = torch.load(runs / "r/search/result/model.pt", weights_only=True)["model"]
+    masks = torch.load(runs / "r/search/result/masks.pt", weights_only=True)
+    for key, mask in masks.items():
+        assert torch.equal(product[key][mask], dense[key][mask]) and not product[key][~mask].any(), key
+
+
+def test_finetune_keeps_the_mask_fixed_and_exports_plain_weights(dense_run, tmp_path, beton_dir):
+    """Masked weights are exactly zero in every finetune checkpoint and in the export; kept ones train."""
+    runs = _copy_dense(dense_run, tmp_path)
+    out = launch(_args(runs, beton_dir, "stage=all", "finetune.epochs=2", "checkpoint.every_steps=4",
+                       "checkpoint.keep=20"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    masks = torch.load(runs / "r/search/result/masks.pt", weights_only=True)
+    searched = torch.load(runs / "r/search/result/model.pt", weights_only=True)["model"]
+    checkpoints = _checkpoints(runs / "r/finetune")
+    assert len(checkpoints) >= 3, checkpoints
+    for path in checkpoints:
+        backbone = _backbone(_model_state(path))
+        for key, mask in masks.items():
+            assert not backbone[key][~mask].any(), f"{path.name}: masked entries of {key} are not zero"
+    export = torch.load(runs / "r/finetune/result/torchvision_state_dict.pt", weights_only=True)
+    for key, mask in masks.items():
+        assert not export[key][~mask].any(), key
+    assert any(not torch.equal(export[k][m], searched[k][m]) for k, m in masks.items()), "kept weights never trained"
+    fin = read_json(runs / "r/finetune/result/summary.json")
+    assert fin["masked_weights_nonzero"] == 0 and fin["dual_step"] is True
+    for key in ("density_target", "density_achieved", "density_per_layer", "top1_no_prompt", "top1_prompt"):
+        assert key in fin, key
+    assert fin["density_target"] == 0.1 and abs(fin["density_achieved"] - 0.1) < 1e-6
+    assert set(fin["density_per_layer"]) == set(masks)
+    # the dual step logs the unprompted step's loss next to the prompted one
+    epochs = [json.loads(l) for l in (runs / "r/finetune/metrics.jsonl").read_text().splitlines()]
+    assert all("train_loss_no_prompt" in r for r in epochs if r["kind"] == "epoch")
+
+
+def test_two_process_search_keeps_identical_masks_on_both_ranks(dense_run, tmp_path, beton_dir):
+    runs = _copy_dense(dense_run, tmp_path)
+    out = launch(_args(runs, beton_dir, "stage=search"), torchrun=2, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = read_json(runs / "r/search/result/summary.json")
+    digests = summary["mask_digest_per_rank"]
+    assert summary["world_size"] == 2 and len(digests) == 2
+    assert digests[0] == digests[1], digests
+
+
+def test_search_resumes_after_sigkill_with_the_same_masks(dense_run, tmp_path, beton_dir):
+    extra = ["stage=search", "checkpoint.every_steps=3", "log.every_steps=1"]
+    whole = _copy_dense(dense_run, tmp_path / "a")
+    out = launch(_args(whole, beton_dir, *extra))
+    assert out.returncode == 0, out.stderr[-2000:]
+    runs = _copy_dense(dense_run, tmp_path / "b")
+    run_and_kill_at_step(_args(runs, beton_dir, *extra), runs / "r" / "search" / "metrics.jsonl", 13)
+    resumed = launch(_args(runs, beton_dir, *extra))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert any("resumed from" in l and "epoch 2" in l for l in resumed.stdout.splitlines()), resumed.stdout
+    a = torch.load(whole / "r/search/result/masks.pt", weights_only=True)
+    b = torch.load(runs / "r/search/result/masks.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = read_json(whole / "r/search/result/summary.json"), read_json(runs / "r/search/result/summary.json")
+    assert sa["top1"] == sb["top1"]
+
+
+@pytest.mark.parametrize("method", ["omp", "hydra", "random_unstructured"])
+def test_unstructured_baselines_meet_the_density_and_finetune(dense_run, tmp_path, beton_dir, method):
+    runs = _copy_dense(dense_run, tmp_path)
+    out = launch(_args(runs, beton_dir, "stage=all", "pruning.density=0.3", method=method))
+    assert out.returncode == 0, out.stderr[-2000:]
+    search = read_json(runs / "r/search/result/summary.json")
+    fin = read_json(runs / "r/finetune/result/summary.json")
+    layers = len(fin["density_per_layer"])
+    assert abs(fin["density_achieved"] - 0.3) * fin["weights_scored"] <= layers
+    assert search["epochs"] == (2 if method == "hydra" else 0)
+    if method == "hydra":  # per-layer threshold, no prompt in the search
+        assert search["threshold"] == "layer" and search["top1_prompt"] is None
+        assert all(abs(d - 0.3) < 0.01 for d in fin["density_per_layer"].values())
+    if method == "omp":  # global magnitude: the kept weights are the largest of the dense network
+        dense = torch.load(runs / "r/dense/result/model.pt", weights_only=True)["model"]
+        masks = torch.load(runs / "r/search/result/masks.pt", weights_only=True)
+        smallest_kept = min(dense[k][m].abs().min() for k, m in masks.items())
+        largest_dropped = max(dense[k][~m].abs().max() for k, m in masks.items())
+        assert smallest_kept >= largest_dropped
+
+
+def test_export_loads_into_plain_torchvision_in_a_fresh_process(dense_run, tmp_path, beton_dir):
+    """The exported state dict in `torchvision.models.resnet18`, evaluated by FFCV + torch only, matches eval."""
+    runs = _copy_dense(dense_run, tmp_path)
+    out = launch(_args(runs, beton_dir, "stage=all"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    ev = read_json(runs / "r/eval/result/summary.json")
+
+    from omegaconf import OmegaConf
+
+    from trainer.data import prepare_data
+    cfg = OmegaConf.load(runs / "r/config.yaml")
+    val = prepare_data(cfg.data, is_writer=False, log=lambda m: None).val
+    result = runs / "r/finetune/result"
+    code = f"""
+import json, sys, torch, torchvision
+from ffcv.loader import Loader, OrderOption
+from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
+from ffcv.transforms import ToTensor, ToTorchImage, Squeeze
+assert not any(m.split('.')[0] in ('trainer', 'pruning', 'slurm') for m in sys.modules)
+state = torch.load({str(result / 'torchvision_state_dict.pt')!r}, weights_only=True)
+net = torchvision.models.resnet18(num_classes=state['fc.weight'].shape[0])
+net.load_state_dict(state)           # strict: no missing or unexpected keys
+net.eval()
+product = torch.load({str(result / 'model.pt')!r}, weights_only=True)
+p = product['prompt']
+frame = torch.ones(1, p['size'], p['size'])
+frame[:, p['pad']:p['size'] - p['pad'], p['pad']:p['size'] - p['pad']] = 0
+mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1); std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+loader = Loader({str(val)!r}, batch_size=50, num_workers=1, order=OrderOption.SEQUENTIAL, pipelines={{
+    'image': [CenterCropRGBImageDecoder(({cfg.data.res}, {cfg.data.res}), ratio={cfg.data.val_crop_ratio}),
+              ToTensor(), ToTorchImage()],
+    'label': [IntDecoder(), ToTensor(), Squeeze(1)], 'index': None}})
+correct = {{'plain': 0, 'prompt': 0}}; total = 0
+with torch.no_grad():
+    for images, labels in loader:
+        x = images.float() / 255
+        correct['plain'] += int((net((x - mean) / std).argmax(1) == labels).sum())
+        prompted = torch.clamp(x + p['program'] * frame, 0, 1)
+        correct['prompt'] += int((net((prompted - mean) / std).argmax(1) == labels).sum())
+        total += len(labels)
+print(json.dumps({{k: 100 * v / total for k, v in correct.items()}} | {{'total': total}}))
+"""
+    assert cfg.prompt.variant == "pad"
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(), timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    report = json.loads(fresh.stdout.strip().splitlines()[-1])
+    assert report["total"] == ev["num_images"]
+    assert report["plain"] == pytest.approx(ev["top1_no_prompt"], abs=1e-9), (report, ev)
+    assert report["prompt"] == pytest.approx(ev["top1_prompt"], abs=1e-9), (report, ev)
+
+
+def test_label_mapping_reuses_a_larger_classifier(dense_run, tmp_path, beton_dir):
+    """head=map on a 20-output checkpoint: the product is a 10-way network whose rows are the mapped outputs."""
+    dense = torch.load(dense_run / "r/dense/result/model.pt", weights_only=True)["model"]
+    wide = dict(dense)
+    torch.manual_seed(0)
+    extra = torch.randn(10, wide["fc.weight"].shape[1]) * 0.01
+    perm = torch.randperm(20)
+    weight = torch.zeros(20, wide["fc.weight"].shape[1])
+    bias = torch.full((20,), -10.0)   # unused outputs are never predicted
+    weight[perm[:10]] = dense["fc.weight"]
+    bias[perm[:10]] = dense["fc.bias"]
+    weight[perm[10:]] = extra
+    wide["fc.weight"], wide["fc.bias"] = weight, bias
+    path = tmp_path / "wide.pt"
+    torch.save(wide, path)
+    out = launch(_args(tmp_path / "runs", beton_dir, "stage=search", f"model.weights={path}", "head=map",
+                       "search.epochs=0"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = read_json(tmp_path / "runs/r/search/result/summary.json")
+    assert summary["head"] == "map" and summary["source_outputs"] == 20
+    mapping = summary["label_mapping"]
+    assert len(set(mapping)) == 10 and all(0 <= o < 20 for o in mapping)
+    # The dense network's own outputs sit at perm[:10]; the others are never predicted (bias -10).
+    # How many classes land on their own output depends on how well the small dense network predicts;
+    # exact recovery on a constructed case is tests/test_scores.py::test_label_mapping_recovers_known_permutation.
+    assert len(set(mapping) & set(perm[:10].tolist())) >= 8, (mapping, perm[:10].tolist())
+    product = torch.load(tmp_path / "runs/r/search/result/model.pt", weights_only=True)["model"]
+    masks = torch.load(tmp_path / "runs/r/search/result/masks.pt", weights_only=True)
+    assert torch.equal(product["fc.weight"], weight[mapping] * masks["fc.weight"])  # the product is masked
+    assert torch.equal(product["fc.bias"], bias[mapping])
+    # A mismatched head with head=keep is a one-line error.
+    bad = launch(_args(tmp_path / "runs2", beton_dir, "stage=search", f"model.weights={path}", "head=keep"))
+    assert bad.returncode == 2 and "head=keep" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-1500:]
