@@ -102,7 +102,11 @@ def test_stage_all_then_eval_on_another_val_dir(tmp_path, beton_dir):
     assert result["num_images"] == 30 and result["val_source"] == str(tree) and result["product"] == "dense"
 
 
-def test_unimplemented_stage_says_so_in_one_line(tmp_path, beton_dir):
-    proc = launch(["stage=search", "method=vpns", f"runs_dir={tmp_path}", f"data.beton_dir={beton_dir}", *TINY])
+def test_a_stage_the_method_lacks_says_so_in_one_line(tmp_path, beton_dir):
+    proc = launch(["stage=search", "method=dense", f"runs_dir={tmp_path}", f"data.beton_dir={beton_dir}", *TINY])
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: stage=search for method=vpns is not implemented yet"]
+    assert proc.stderr.strip().splitlines() == ["error: method=dense has no search stage"]
+    proc = launch(["stage=search", "method=vpns", f"runs_dir={tmp_path}", f"data.beton_dir={beton_dir}", *TINY])
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(errors) == 1 and "needs a trained dense network" in errors[0], proc.stderr[-1500:]

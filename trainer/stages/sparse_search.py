@@ -114,6 +114,10 @@ def run_sparse_search(ctx: StageContext) -> dict:
         "resumed_from": result.resumed_from if result else None,
         "dense_source": source, "world_size": engine.world_size, "mask_digest_per_rank": digests,
     }
+    empty = [k for k, d in summary["density_per_layer"].items() if d == 0]
+    if empty:  # the global threshold can remove whole layers (docs/vpns.md, "layer collapse")
+        ctx.say(f"search: warning: {len(empty)} layer(s) keep no weight at all ({', '.join(empty[:4])}"
+                f"{', ...' if len(empty) > 4 else ''}); vpns.threshold=layer keeps every layer at the density")
     ctx.say(f"search: {method} keeps {summary['weights_kept']:,} of {summary['weights_scored']:,} scored weights "
             f"(density {summary['density_achieved']:.4f}, target {density}); masked network top-1 "
             f"{summary['top1']:.2f}% (dense {dense_top1:.2f}%)")
