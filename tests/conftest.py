@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,17 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 # A small synthetic problem that trains in seconds on 2 CPU cores.
 TINY = ["data.synthetic_train_size=640", "data.synthetic_val_size=200", "data.synthetic_image_size=32",
         "data.res=32", "data.batch_size=64", "data.num_workers=1", "log.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of small in-process ops: on the shared 2-core machine a
+    second thread makes them many times slower. Use with pytest.mark.usefixtures("one_thread")."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -74,3 +86,16 @@ def write_image_folder(root: Path, per_class: int, num_classes: int = 3, size: i
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(folder / f"{i:05d}.png")
     return root
+
+
+def train_dense(runs: Path, args: list[str]) -> Path:
+    """Run stage=dense once into `runs` (run 'r'); tests then copy it with copy_dense."""
+    out = launch([*args, "stage=dense", "dense.epochs=2"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    return runs
+
+
+def copy_dense(dense_runs: Path, tmp_path: Path) -> Path:
+    """A new runs directory whose run 'r' has only the finished dense stage (any method may continue it)."""
+    shutil.copytree(dense_runs / "r" / "dense", tmp_path / "runs" / "r" / "dense")
+    return tmp_path / "runs"

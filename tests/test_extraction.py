@@ -105,13 +105,8 @@ def extraction(name: str, ratio: float) -> Extraction:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread_and_free_cache():
-    # The machine's 2 cores are shared with other jobs: with 2 intra-op threads the
-    # convolutions here run many times slower than with one. Restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _free_cache(one_thread):
     yield
-    torch.set_num_threads(threads)
     _MODELS.clear()
     _EXTRACTED.clear()
 

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO, TINY, child_env, launch, read_json, run_and_kill_at_step
+from conftest import REPO, TINY, child_env, copy_dense, launch, read_json, run_and_kill_at_step, train_dense
 
 pytestmark = pytest.mark.slow
 
@@ -25,15 +24,7 @@ def _args(runs, beton_dir, *extra, method="pass"):
 def dense_run(tmp_path_factory, beton_dir):
     """One trained dense network; every test copies its run directory."""
     runs = tmp_path_factory.mktemp("dense")
-    out = launch(_args(runs, beton_dir, "stage=dense", "dense.epochs=2"))
-    assert out.returncode == 0, out.stderr[-2000:]
-    return runs
-
-
-def _copy_dense(dense_run, tmp_path):
-    """A new runs directory whose run 'r' has only the finished dense stage (any method may continue it)."""
-    shutil.copytree(dense_run / "r" / "dense", tmp_path / "runs" / "r" / "dense")
-    return tmp_path / "runs"
+    return train_dense(runs, _args(runs, beton_dir))
 
 
 def _checkpoint_weights(stage_dir):
@@ -41,7 +32,7 @@ def _checkpoint_weights(stage_dir):
 
 
 def test_search_freezes_the_backbone_and_moves_the_masks(dense_run, tmp_path, beton_dir):
-    runs = _copy_dense(dense_run, tmp_path)
+    runs = copy_dense(dense_run, tmp_path)
     out = launch(_args(runs, beton_dir, "stage=search"))
     assert out.returncode == 0, out.stderr[-2000:]
     dense = torch.load(runs / "r/dense/result/model.pt", weights_only=True)["model"]
@@ -62,7 +53,7 @@ def test_search_freezes_the_backbone_and_moves_the_masks(dense_run, tmp_path, be
 
 
 def test_two_process_search_keeps_identical_masks_on_both_ranks(dense_run, tmp_path, beton_dir):
-    runs = _copy_dense(dense_run, tmp_path)
+    runs = copy_dense(dense_run, tmp_path)
     out = launch(_args(runs, beton_dir, "stage=search"), torchrun=2, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = read_json(runs / "r/search/result/summary.json")
@@ -73,7 +64,7 @@ def test_two_process_search_keeps_identical_masks_on_both_ranks(dense_run, tmp_p
 
 
 def test_finetuned_model_rebuilds_in_a_fresh_process(dense_run, tmp_path, beton_dir):
-    runs = _copy_dense(dense_run, tmp_path)
+    runs = copy_dense(dense_run, tmp_path)
     out = launch(_args(runs, beton_dir, "stage=all"))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "dense: already done" in out.stdout
@@ -124,7 +115,7 @@ print(json.dumps({{"equal": bool(torch.equal(a, b)), "scale": a.abs().max().item
 
 @pytest.mark.parametrize("method", ["l1", "random", "uniform"])
 def test_structured_baselines_meet_the_budget_and_finetune(dense_run, tmp_path, beton_dir, method):
-    runs = _copy_dense(dense_run, tmp_path)
+    runs = copy_dense(dense_run, tmp_path)
     out = launch(_args(runs, beton_dir, "stage=all", "pruning.flops_ratio=0.4", method=method))
     assert out.returncode == 0, out.stderr[-2000:]
     search = read_json(runs / "r/search/result/summary.json")
@@ -135,11 +126,11 @@ def test_structured_baselines_meet_the_budget_and_finetune(dense_run, tmp_path, 
 
 def test_search_resumes_after_sigkill_with_the_same_decision(dense_run, tmp_path, beton_dir):
     extra = ["stage=search", "checkpoint.every_steps=3", "log.every_steps=1"]
-    whole = _copy_dense(dense_run, tmp_path / "a")
+    whole = copy_dense(dense_run, tmp_path / "a")
     out = launch(_args(whole, beton_dir, *extra))
     assert out.returncode == 0, out.stderr[-2000:]
 
-    runs = _copy_dense(dense_run, tmp_path / "b")
+    runs = copy_dense(dense_run, tmp_path / "b")
     # kill inside epoch 2 (10 steps per epoch)
     run_and_kill_at_step(_args(runs, beton_dir, *extra), runs / "r" / "search" / "metrics.jsonl", 13)
     resumed = launch(_args(runs, beton_dir, *extra))
@@ -161,7 +152,7 @@ def test_pass_needs_a_dense_network_and_says_so(tmp_path, beton_dir):
 
 
 def test_impossible_budget_is_a_one_line_error(dense_run, tmp_path, beton_dir):
-    runs = _copy_dense(dense_run, tmp_path)
+    runs = copy_dense(dense_run, tmp_path)
     out = launch(_args(runs, beton_dir, "stage=search", "pruning.flops_ratio=0.001", method="l1"))
     assert out.returncode == 2 and "min_keep" in out.stderr and "Traceback" not in out.stderr, out.stderr[-1500:]
 

@@ -16,18 +16,11 @@ from pruning.scores import (SCORE_SUFFIX, FixedMasks, ScoreMasks, density_report
 from trainer.models import build_backbone
 from trainer.models.flops import count_macs, weight_macs
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DENSITIES = [0.5, 0.1, 0.01]
 # The acceptance models: (name, image size). Built one at a time (vgg16_bn alone has ~138M weights).
 BIG = [("resnet50", 64), ("vgg16_bn", 32), ("vit_b_16", 32)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a busy 2-core machine a second thread makes these small ops far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _expected_kept(n: int, density: float) -> int:

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import TINY, child_env, launch, read_json, run_and_kill_at_step
+from conftest import TINY, child_env, copy_dense, launch, read_json, run_and_kill_at_step, train_dense
 
 pytestmark = pytest.mark.slow
 
@@ -25,15 +24,7 @@ def _args(runs, beton_dir, *extra, method="vpns"):
 def dense_run(tmp_path_factory, beton_dir):
     """One trained dense network; every test copies its run directory."""
     runs = tmp_path_factory.mktemp("dense")
-    out = launch(_args(runs, beton_dir, "stage=dense", "dense.epochs=2"))
-    assert out.returncode == 0, out.stderr[-2000:]
-    return runs
-
-
-def _copy_dense(dense_run, tmp_path):
-    """A new runs directory whose run 'r' has only the finished dense stage."""
-    shutil.copytree(dense_run / "r" / "dense", tmp_path / "runs" / "r" / "dense")
-    return tmp_path / "runs"
+    return train_dense(runs, _args(runs, beton_dir))
 
 
 def _checkpoints(stage_dir):
@@ -54,7 +45,7 @@ def _is_norm_statistic(key):
 
 def test_search_trains_only_scores_and_prompt(dense_run, tmp_path, beton_dir):
     """Every weight and norm affine parameter is bitwise the dense one; the scores and prompt moved."""
-    runs = _copy_dense(dense_run, tmp_path)
+    runs = copy_dense(dense_run, tmp_path)
     out = launch(_args(runs, beton_dir, "stage=search"))
     assert out.returncode == 0, out.stderr[-2000:]
     dense = torch.load(runs / "r/dense/result/model.pt", weights_only=True)["model"]
@@ -84,7 +75,7 @@ def test_search_trains_only_scores_and_prompt(dense_run, tmp_path, beton_dir):
 
 def test_finetune_keeps_the_mask_fixed_and_exports_plain_weights(dense_run, tmp_path, beton_dir):
     """Masked weights are exactly zero in every finetune checkpoint and in the export; kept ones train."""
-    runs = _copy_dense(dense_run, tmp_path)
+    runs = copy_dense(dense_run, tmp_path)
     out = launch(_args(runs, beton_dir, "stage=all", "finetune.epochs=2", "checkpoint.every_steps=4",
                        "checkpoint.keep=20"))
     assert out.returncode == 0, out.stderr[-2000:]
@@ -112,7 +103,7 @@ def test_finetune_keeps_the_mask_fixed_and_exports_plain_weights(dense_run, tmp_
 
 
 def test_two_process_search_keeps_identical_masks_on_both_ranks(dense_run, tmp_path, beton_dir):
-    runs = _copy_dense(dense_run, tmp_path)
+    runs = copy_dense(dense_run, tmp_path)
     out = launch(_args(runs, beton_dir, "stage=search"), torchrun=2, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = read_json(runs / "r/search/result/summary.json")
@@ -123,10 +114,10 @@ def test_two_process_search_keeps_identical_masks_on_both_ranks(dense_run, tmp_p
 
 def test_search_resumes_after_sigkill_with_the_same_masks(dense_run, tmp_path, beton_dir):
     extra = ["stage=search", "checkpoint.every_steps=3", "log.every_steps=1"]
-    whole = _copy_dense(dense_run, tmp_path / "a")
+    whole = copy_dense(dense_run, tmp_path / "a")
     out = launch(_args(whole, beton_dir, *extra))
     assert out.returncode == 0, out.stderr[-2000:]
-    runs = _copy_dense(dense_run, tmp_path / "b")
+    runs = copy_dense(dense_run, tmp_path / "b")
     run_and_kill_at_step(_args(runs, beton_dir, *extra), runs / "r" / "search" / "metrics.jsonl", 13)
     resumed = launch(_args(runs, beton_dir, *extra))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -140,7 +131,7 @@ def test_search_resumes_after_sigkill_with_the_same_masks(dense_run, tmp_path, b
 
 @pytest.mark.parametrize("method", ["omp", "hydra", "random_unstructured"])
 def test_unstructured_baselines_meet_the_density_and_finetune(dense_run, tmp_path, beton_dir, method):
-    runs = _copy_dense(dense_run, tmp_path)
+    runs = copy_dense(dense_run, tmp_path)
     out = launch(_args(runs, beton_dir, "stage=all", "pruning.density=0.3", method=method))
     assert out.returncode == 0, out.stderr[-2000:]
     search = read_json(runs / "r/search/result/summary.json")
@@ -161,7 +152,7 @@ def test_unstructured_baselines_meet_the_density_and_finetune(dense_run, tmp_pat
 
 def test_export_loads_into_plain_torchvision_in_a_fresh_process(dense_run, tmp_path, beton_dir):
     """The exported state dict in `torchvision.models.resnet18`, evaluated by FFCV + torch only, matches eval."""
-    runs = _copy_dense(dense_run, tmp_path)
+    runs = copy_dense(dense_run, tmp_path)
     out = launch(_args(runs, beton_dir, "stage=all"))
     assert out.returncode == 0, out.stderr[-2000:]
     ev = read_json(runs / "r/eval/result/summary.json")

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 
 from ..data import prepare_data, prepare_eval_data
-from ..loop import evaluate
 from ..run_dir import write_json
 from .context import StageContext
 from .product import PRODUCT_FILE, load_product
+from .sources import accuracy_with_and_without_prompt
 
 PRODUCT_STAGES = ("finetune", "dense")  # newest first
 
@@ -29,12 +29,8 @@ def run_eval(ctx: StageContext) -> dict:
         raise ValueError(f"the validation data has classes {list(files.classes)[:3]}..., "
                          f"the {source} network was trained on {blob['classes'][:3]}...")
     loader = ctx.val_loader(files)
-    metrics = evaluate(engine, model, loader, torch.nn.CrossEntropyLoss())
+    metrics, no_prompt = accuracy_with_and_without_prompt(engine, model, loader, loss_fn=torch.nn.CrossEntropyLoss())
     prompt = "prompt" in blob
-    no_prompt = metrics
-    if prompt:
-        with model.without_input_transform():
-            no_prompt = evaluate(engine, model, loader, torch.nn.CrossEntropyLoss())
     headline = metrics if cfg.prompt.headline == "prompt" else no_prompt
     summary = {"stage": "eval", "method": cfg.method.name, "model": blob["arch"], "product": source,
                "top1": headline["top1"], "top5": headline["top5"], "loss": headline["loss"],

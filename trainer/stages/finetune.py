@@ -24,7 +24,8 @@ from ..run_dir import write_json
 from .context import StageContext
 from .product import save_product
 from .search import SEARCH_STATE_FILE
-from .sources import dense_backbone, finetune_uses_prompt, make_prompt
+from .sources import (accuracy_with_and_without_prompt, dense_backbone, finetune_uses_prompt, make_prompt,
+                      search_result)
 
 LATENCY_BATCH = 32
 
@@ -32,10 +33,7 @@ LATENCY_BATCH = 32
 def run_finetune(ctx: StageContext) -> dict:
     cfg, engine = ctx.cfg, ctx.engine
     method = cfg.method.name
-    search_dir = ctx.run.result("search")
-    if not (search_dir / STRUCTURE_FILE).exists():
-        raise FileNotFoundError(f"stage=finetune needs the search stage's {STRUCTURE_FILE}: "
-                                f"run stage=search for run '{ctx.run.name}' first")
+    search_dir = search_result(ctx, STRUCTURE_FILE)
     structure = json.loads((search_dir / STRUCTURE_FILE).read_text())
     files = prepare_data(cfg.data, is_writer=engine.is_main, barrier=engine.barrier, log=ctx.say)
     found = (structure.get("arch"), structure.get("res"), structure.get("num_classes"))
@@ -65,11 +63,7 @@ def run_finetune(ctx: StageContext) -> dict:
                  stage_dir=ctx.run.stage("finetune"), checkpoint_cfg=cfg.checkpoint, log_cfg=cfg.log,
                  loss_fn=ctx.loss_fn(cfg.finetune), resume=cfg.resume == "auto", desc="finetune")
 
-    with_prompt = result.final
-    no_prompt = with_prompt
-    if prompt is not None:
-        with model.without_input_transform():
-            no_prompt = evaluate(engine, model, val)
+    with_prompt, no_prompt = accuracy_with_and_without_prompt(engine, model, val, result.final)
     headline = with_prompt if cfg.prompt.headline == "prompt" else no_prompt
     dense_top1 = (ctx.run.summary("dense")["top1"] if ctx.run.is_done("dense")
                   else evaluate(engine, engine.prepare_module(ImageClassifier(dense)), val)["top1"])

@@ -12,6 +12,7 @@ from pruning.prompt import PadPrompt
 
 from ..config.schema import STRUCTURED_METHODS, UNSTRUCTURED_METHODS
 from ..data import DataFiles
+from ..loop import evaluate
 from ..models import build_backbone, has_weights
 from .context import StageContext, StageNotImplemented
 from .product import PRODUCT_FILE, load_product
@@ -41,6 +42,15 @@ def same_on_every_rank(engine, masks: list[torch.Tensor], what: str) -> list[str
     return digests
 
 
+def search_result(ctx: StageContext, needed: str):
+    """The search stage's result directory, which finetune needs `needed` from."""
+    directory = ctx.run.result("search")
+    if not (directory / needed).exists():
+        raise FileNotFoundError(f"stage=finetune needs the search stage's {needed}: "
+                                f"run stage=search for run '{ctx.run.name}' first")
+    return directory
+
+
 def dense_backbone(ctx: StageContext, files: DataFiles, stage: str) -> tuple[nn.Module, str]:
     """The trained dense backbone pruning starts from: model.weights, else this run's dense stage."""
     cfg = ctx.cfg
@@ -56,6 +66,20 @@ def dense_backbone(ctx: StageContext, files: DataFiles, stage: str) -> tuple[nn.
         raise ValueError(f"the dense network in {directory} was trained on other classes or resolution "
                          f"({len(blob['classes'])} classes, {blob['res']}px)")
     return model.backbone, str(directory / PRODUCT_FILE)
+
+
+def accuracy_with_and_without_prompt(engine, model, loader, with_prompt: dict | None = None,
+                                     loss_fn=None) -> tuple[dict, dict]:
+    """(with prompt, without prompt) metrics of an ImageClassifier (METHODS.md 1 reports both).
+
+    `with_prompt` reuses an evaluation already made; a model without a prompt gets the same dict twice.
+    """
+    if with_prompt is None:
+        with_prompt = evaluate(engine, model, loader, loss_fn)
+    if isinstance(model.input_transform, nn.Identity):
+        return with_prompt, with_prompt
+    with model.without_input_transform():
+        return with_prompt, evaluate(engine, model, loader, loss_fn)
 
 
 def make_prompt(cfg: DictConfig) -> PadPrompt:

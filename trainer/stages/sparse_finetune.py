@@ -18,12 +18,12 @@ import torch
 from pruning.scores import FixedMasks, resolve_weight
 
 from ..data import prepare_data
-from ..loop import evaluate, fit
+from ..loop import fit
 from ..models import ImageClassifier, count_parameters
 from ..run_dir import write_json
 from .context import StageContext
 from .product import PRODUCT_FILE, load_product, save_product
-from .sources import finetune_uses_prompt, make_prompt
+from .sources import accuracy_with_and_without_prompt, finetune_uses_prompt, make_prompt, search_result
 from .sparse_search import MASKS_FILE, prompt_views, sparsity_summary
 
 EXPORT_FILE = "torchvision_state_dict.pt"
@@ -42,10 +42,7 @@ def masked_nonzeros(backbone: torch.nn.Module, masks: dict) -> int:
 def run_sparse_finetune(ctx: StageContext) -> dict:
     cfg, engine = ctx.cfg, ctx.engine
     method = cfg.method.name
-    search_dir = ctx.run.result("search")
-    if not (search_dir / MASKS_FILE).exists():
-        raise FileNotFoundError(f"stage=finetune needs the search stage's {MASKS_FILE}: "
-                                f"run stage=search for run '{ctx.run.name}' first")
+    search_dir = search_result(ctx, MASKS_FILE)
     files = prepare_data(cfg.data, is_writer=engine.is_main, barrier=engine.barrier, log=ctx.say)
     searched, blob = load_product(search_dir)
     found = (blob["arch"], blob["res"], tuple(blob["classes"]))
@@ -77,11 +74,7 @@ def run_sparse_finetune(ctx: StageContext) -> dict:
     if leaked:
         raise RuntimeError(f"{leaked} masked weights are no longer zero after finetune")
 
-    with_prompt = result.final
-    no_prompt = with_prompt
-    if prompt is not None:
-        with model.without_input_transform():
-            no_prompt = evaluate(engine, model, val)
+    with_prompt, no_prompt = accuracy_with_and_without_prompt(engine, model, val, result.final)
     headline = with_prompt if cfg.prompt.headline == "prompt" else no_prompt
     summary = {
         "stage": "finetune", "method": method, "model": cfg.model.name, "data": cfg.data.name,

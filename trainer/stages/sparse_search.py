@@ -28,7 +28,7 @@ from ..run_dir import write_json
 from .context import StageContext
 from .heads import backbone_with_head, classifier_parameters
 from .product import save_product
-from .sources import make_prompt, same_on_every_rank
+from .sources import accuracy_with_and_without_prompt, make_prompt, same_on_every_rank
 
 MASKS_FILE = "masks.pt"
 TRAINED_METHODS = ("vpns", "hydra")
@@ -96,11 +96,7 @@ def run_sparse_search(ctx: StageContext) -> dict:
 
     digests = same_on_every_rank(engine, list(masks.values()), "masks")
     zero_masked(model.backbone, masks)  # the product is the masked network
-    with_prompt = evaluate(engine, model, val)
-    no_prompt = with_prompt
-    if prompt is not None:
-        with model.without_input_transform():
-            no_prompt = evaluate(engine, model, val)
+    with_prompt, no_prompt = accuracy_with_and_without_prompt(engine, model, val)
     summary = {
         "stage": "search", "method": method, "model": cfg.model.name, "data": cfg.data.name,
         "top1": with_prompt["top1"], "top5": with_prompt["top5"], "top1_meaning": "masked network before finetune",
