@@ -107,7 +107,12 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
     history: list[dict] = []
     result = FitResult()
     ckpt = store.load_latest(log=lambda m: _say(engine, m)) if resume else None
+    view_names = [name for name, _ in views]
     if ckpt is not None:
+        if ckpt.get("views", [""]) != view_names:
+            raise ValueError(f"{ckpt['_path']} was written with {len(ckpt.get('views', ['']))} optimizer step(s) per "
+                             f"batch ({ckpt.get('views')}), this run takes {len(view_names)} ({view_names}): "
+                             f"restore the setting that changed (vpns.dual_step, finetune.prompt) or use resume=never")
         engine.load_state_dict(ckpt["engine"])
         epoch, batch, step, elapsed = ckpt["epoch"], ckpt["batch"], ckpt["step"], ckpt["elapsed"]
         history = ckpt["history"]
@@ -132,7 +137,8 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
         if engine.is_main:
             store.save({"engine": engine.state_dict(), "epoch": next_epoch, "batch": next_batch, "step": step,
                         "meters": summed.cpu(), "history": history, "rng": torch.get_rng_state(),
-                        "elapsed": elapsed + time.time() - session_start, "world_size": engine.world_size},
+                        "elapsed": elapsed + time.time() - session_start, "world_size": engine.world_size,
+                        "views": view_names},
                        step)
         engine.barrier()
 
@@ -195,4 +201,5 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
     speeds = [h["images_per_second"] for h in history]
     result.images_per_second = statistics.median(speeds) if speeds else 0.0
     result.wall_seconds = elapsed + time.time() - session_start
+    engine.unwrap()  # the caller keeps its module; optimizer state and wrappers are freed before the next stage
     return result

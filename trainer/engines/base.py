@@ -96,6 +96,10 @@ class Engine(ABC):
         gradient must then stay unset (not zero) so that the optimizer skips them.
         """
 
+    def unwrap(self) -> None:
+        """Drop the wrapped module, optimizer and schedule (and the memory they hold) after training."""
+        self.module = self.raw = self.optimizer = self.scheduler = None
+
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None: ...
 

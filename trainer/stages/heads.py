@@ -4,14 +4,15 @@ The dense network may come with a classifier of another size than the data's
 class count (ImageNet weights on a 10-class set). `head` decides:
 
 - `keep`: the sizes must agree; the classifier is used as it is.
-- `map`: frequency label mapping: one pass of the network over the training
-  images (center crop, no augmentation; the prompt is still zero, so
-  prompted and plain inputs agree), then the classifier is cut to the rows
-  the classes were mapped to.
+- `map`: frequency label mapping: one pass of the prompted network (the
+  prompt the search starts with, still zero) over the training images
+  (center crop, no augmentation), then the classifier is cut to the rows the
+  classes were mapped to.
 - `new`: a freshly initialised classifier (`seed`), trained during the search
   together with its scores, since a frozen random head could not be searched.
 - `auto` (default): `keep` when the sizes agree, `map` for torchvision
-  (ImageNet) weights, `new` for any other checkpoint.
+  (ImageNet) weights, `new` for any other checkpoint and for weights that
+  hold no classifier.
 """
 from __future__ import annotations
 
@@ -27,7 +28,12 @@ from .context import StageContext
 from .sources import dense_backbone
 
 
-def resolve_head(head: str, outputs: int, classes: int, torchvision_weights: bool) -> str:
+def resolve_head(head: str, outputs: int | None, classes: int, torchvision_weights: bool) -> str:
+    """`outputs`: the stored classifier's size, None when the weights hold no classifier."""
+    if outputs is None:
+        if head in ("keep", "map"):
+            raise ValueError(f"head={head}: the weights hold no classifier to {head}; use head=new (or auto)")
+        return "new"
     if head == "auto":
         head = "keep" if outputs == classes else ("map" if torchvision_weights else "new")
     if head == "keep" and outputs != classes:
@@ -44,12 +50,15 @@ def set_classifier(backbone: nn.Module, linear: nn.Linear) -> None:
     setattr(backbone.get_submodule(parent) if parent else backbone, child, linear)
 
 
-def backbone_with_head(ctx: StageContext, files: DataFiles) -> tuple[nn.Module, str, dict]:
-    """The dense backbone with a `files.num_classes`-way classifier, and how that head was made."""
+def backbone_with_head(ctx: StageContext, files: DataFiles, prompt: nn.Module | None) -> tuple[nn.Module, str, dict]:
+    """The dense backbone with a `files.num_classes`-way classifier, and how that head was made.
+
+    `prompt`: the (still untrained) prompt the search starts with; label mapping runs through it.
+    """
     cfg, classes = ctx.cfg, files.num_classes
     weights = cfg.model.weights
     if has_weights(weights):
-        outputs = weights_num_classes(cfg.model.name, weights, cfg.data.res) or classes
+        outputs = weights_num_classes(cfg.model.name, weights, cfg.data.res)
         head = resolve_head(cfg.head, outputs, classes, is_torchvision_weights(weights))
         # Built with the stored head when it is kept or mapped (build_backbone drops a head of another size).
         backbone = build_backbone(cfg.model.name, outputs if head in ("keep", "map") else classes,
@@ -62,7 +71,7 @@ def backbone_with_head(ctx: StageContext, files: DataFiles) -> tuple[nn.Module, 
     info = {"head": head, "source_outputs": outputs, "label_mapping": None}
     old = backbone.get_submodule(classifier_name(backbone))
     if head == "map":
-        model = ctx.engine.prepare_module(ImageClassifier(backbone))
+        model = ctx.engine.prepare_module(ImageClassifier(backbone, prompt))
         loader = ctx.val_loader(files, files.train)
         counts = ctx.engine.all_reduce_sum(prediction_counts(model, loader, classes, outputs, ctx.engine.device))
         mapping = greedy_mapping(counts)

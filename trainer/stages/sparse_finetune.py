@@ -29,6 +29,15 @@ from .sparse_search import MASKS_FILE, prompt_views, sparsity_summary
 EXPORT_FILE = "torchvision_state_dict.pt"
 
 
+def export_constructor(arch: str, num_classes: int, res: int) -> str:
+    """The plain torchvision call whose state dict the export is (ViTs are built for their resolution)."""
+    if arch == "vit_tiny":  # the project's small ViT preset: torchvision's VisionTransformer class
+        return (f"torchvision.models.vision_transformer.VisionTransformer(image_size={res}, patch_size={res // 8}, "
+                f"num_layers=6, num_heads=3, hidden_dim=192, mlp_dim=768, num_classes={num_classes})")
+    extra = f", image_size={res}" if arch.startswith("vit") else ""
+    return f"torchvision.models.{arch}(num_classes={num_classes}{extra})"
+
+
 def masked_nonzeros(backbone: torch.nn.Module, masks: dict) -> int:
     """How many masked-out weight entries are not exactly zero (must be 0)."""
     total = 0
@@ -88,6 +97,7 @@ def run_sparse_finetune(ctx: StageContext) -> dict:
         "wall_seconds": result.wall_seconds, "resumed_from": result.resumed_from,
         "res": cfg.data.res, "num_classes": files.num_classes, "world_size": engine.world_size,
         "device": str(engine.device), "export": EXPORT_FILE,
+        "export_loads_into": export_constructor(cfg.model.name, files.num_classes, cfg.data.res),
     }
     if engine.is_main:
         def write(d):
@@ -97,7 +107,8 @@ def run_sparse_finetune(ctx: StageContext) -> dict:
             write_json(d / "summary.json", summary)
 
         ctx.run.publish("finetune", write)
-        ctx.say(f"finetune: dense top-1 {summary['top1_dense']:.2f}% -> {method} top-1 {summary['top1']:.2f}% "
+        dense = f"{summary['top1_dense']:.2f}%" if summary["top1_dense"] is not None else "n/a (new head)"
+        ctx.say(f"finetune: dense top-1 {dense} -> {method} top-1 {summary['top1']:.2f}% "
                 f"(without prompt {summary['top1_no_prompt']:.2f}%) at density {summary['density_achieved']:.4f} "
                 f"({summary['weights_kept']:,} of {summary['weights_scored']:,} weights); export: "
                 f"{ctx.run.result('finetune') / EXPORT_FILE}")

@@ -60,15 +60,17 @@ def run_sparse_search(ctx: StageContext) -> dict:
     method, density = cfg.method.name, cfg.pruning.density
     files = prepare_data(cfg.data, is_writer=engine.is_main, barrier=engine.barrier, log=ctx.say)
     torch.manual_seed(cfg.seed)  # same scores, head and prompt on every process and every restart
-    backbone, source, head = backbone_with_head(ctx, files)
+    prompt = make_prompt(cfg) if method == "vpns" else None
+    backbone, source, head = backbone_with_head(ctx, files, prompt)
     ctx.say(f"search: {method} on {cfg.model.name} from {source}, target density {density}")
     val = ctx.val_loader(files)
-    dense_top1 = evaluate(engine, engine.prepare_module(ImageClassifier(backbone)), val)["top1"]
+    # A fresh head has not learnt anything yet: the dense network has no meaningful accuracy then.
+    dense_top1 = (None if head["head"] == "new"
+                  else evaluate(engine, engine.prepare_module(ImageClassifier(backbone)), val)["top1"])
 
     v = cfg.vpns
-    result, prompt = None, None
+    result = None
     if method in TRAINED_METHODS:
-        prompt = make_prompt(cfg) if method == "vpns" else None
         for p in backbone.parameters():  # weights and norm affine frozen; the norms' statistics still update
             p.requires_grad_(False)
         if head["head"] == "new":
@@ -97,9 +99,10 @@ def run_sparse_search(ctx: StageContext) -> dict:
     digests = same_on_every_rank(engine, list(masks.values()), "masks")
     zero_masked(model.backbone, masks)  # the product is the masked network
     with_prompt, no_prompt = accuracy_with_and_without_prompt(engine, model, val)
+    headline = with_prompt if cfg.prompt.headline == "prompt" else no_prompt
     summary = {
         "stage": "search", "method": method, "model": cfg.model.name, "data": cfg.data.name,
-        "top1": with_prompt["top1"], "top5": with_prompt["top5"], "top1_meaning": "masked network before finetune",
+        "top1": headline["top1"], "top5": headline["top5"], "top1_meaning": "masked network before finetune",
         "top1_prompt": with_prompt["top1"] if prompt is not None else None, "top1_no_prompt": no_prompt["top1"],
         "top1_dense": dense_top1, **sparsity_summary(model.backbone, masks, cfg.data.res, density),
         "params": count_parameters(model.backbone), "threshold": v.threshold if method in TRAINED_METHODS else
@@ -116,7 +119,7 @@ def run_sparse_search(ctx: StageContext) -> dict:
                 f"{', ...' if len(empty) > 4 else ''}); vpns.threshold=layer keeps every layer at the density")
     ctx.say(f"search: {method} keeps {summary['weights_kept']:,} of {summary['weights_scored']:,} scored weights "
             f"(density {summary['density_achieved']:.4f}, target {density}); masked network top-1 "
-            f"{summary['top1']:.2f}% (dense {dense_top1:.2f}%)")
+            f"{summary['top1']:.2f}%" + (f" (dense {dense_top1:.2f}%)" if dense_top1 is not None else ""))
 
     def write(d):
         save_product(d, model, arch=cfg.model.name, classes=files.classes, res=cfg.data.res)
