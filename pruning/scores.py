@@ -18,8 +18,9 @@ gradient of the mask entry, through |S| (the sign of S), as in HYDRA/VPNs.
 Scored: the `weight` of every `Conv2d` and `Linear`, and the fused q/k/v
 projection `in_proj_weight` of `nn.MultiheadAttention` (its output projection
 is already a `Linear`, though one the attention module reads directly, so its
-substitution hooks sit on the attention module). `exclude_first` skips the first such layer (the stem
-conv, or ViT's patch embedding), `exclude_classifier` the last `Linear`.
+substitution hooks sit on the attention module). `exclude_first` skips the
+first such layer (the stem conv, or ViT's patch embedding),
+`exclude_classifier` the last `Linear`.
 
 `FixedMasks` is the finetune side: it zeroes the masked weights once and
 masks their gradients, so they stay exactly zero under SGD and Adam(W) and

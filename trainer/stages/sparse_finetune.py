@@ -22,7 +22,7 @@ from ..loop import fit
 from ..models import ImageClassifier, count_parameters
 from ..run_dir import write_json
 from .context import StageContext
-from .product import PRODUCT_FILE, load_product, save_product
+from .product import load_product, save_product
 from .sources import accuracy_with_and_without_prompt, finetune_uses_prompt, make_prompt, search_result
 from .sparse_search import MASKS_FILE, prompt_views, sparsity_summary
 
@@ -65,9 +65,7 @@ def run_sparse_finetune(ctx: StageContext) -> dict:
     if finetune_uses_prompt(cfg):  # the searched prompt (vpns), else a fresh zero prompt
         prompt = searched.input_transform if "prompt" in blob else make_prompt(cfg)
     torch.manual_seed(cfg.seed)
-    model = engine.prepare_module(ImageClassifier(searched.backbone, prompt))
-    for p in model.parameters():
-        p.requires_grad_(True)
+    model = engine.prepare_module(ImageClassifier(searched.backbone, prompt))  # freshly loaded: all trainable
     fixed = FixedMasks(model.backbone, masks)
     dual = prompt is not None and cfg.vpns.dual_step
     ctx.say(f"finetune: {method} network of {cfg.model.name} at density {search['density_achieved']:.4f}, "
@@ -116,4 +114,4 @@ def run_sparse_finetune(ctx: StageContext) -> dict:
     return summary
 
 
-__all__ = ["run_sparse_finetune", "EXPORT_FILE", "PRODUCT_FILE"]
+__all__ = ["run_sparse_finetune", "EXPORT_FILE"]

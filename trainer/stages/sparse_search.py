@@ -89,24 +89,25 @@ def run_sparse_search(ctx: StageContext) -> dict:
                      resume=cfg.resume == "auto", desc="search",
                      views=prompt_views(model, v.dual_step) if prompt is not None else None)
         masks = scores.remove()
-        backbone = model.backbone
+        threshold = v.threshold
     else:
         weights = scorable_weights(backbone, exclude_first=v.exclude_first, exclude_classifier=v.exclude_classifier)
         masks = (magnitude_masks(weights, density) if method == "omp"
                  else random_masks(weights, density, seed=cfg.seed))
         model = engine.prepare_module(ImageClassifier(backbone))
+        threshold = "global" if method == "omp" else "random"
 
     digests = same_on_every_rank(engine, list(masks.values()), "masks")
     zero_masked(model.backbone, masks)  # the product is the masked network
-    with_prompt, no_prompt = accuracy_with_and_without_prompt(engine, model, val)
+    # fit's last evaluation already scored the masked network with its prompt (W * M = the zeroed weights)
+    with_prompt, no_prompt = accuracy_with_and_without_prompt(engine, model, val, result.final if result else None)
     headline = with_prompt if cfg.prompt.headline == "prompt" else no_prompt
     summary = {
         "stage": "search", "method": method, "model": cfg.model.name, "data": cfg.data.name,
         "top1": headline["top1"], "top5": headline["top5"], "top1_meaning": "masked network before finetune",
         "top1_prompt": with_prompt["top1"] if prompt is not None else None, "top1_no_prompt": no_prompt["top1"],
         "top1_dense": dense_top1, **sparsity_summary(model.backbone, masks, cfg.data.res, density),
-        "params": count_parameters(model.backbone), "threshold": v.threshold if method in TRAINED_METHODS else
-        ("global" if method == "omp" else "random"), **head,
+        "params": count_parameters(model.backbone), "threshold": threshold, **head,
         "epochs": cfg.search.epochs if method in TRAINED_METHODS else 0,
         "images_per_second": result.images_per_second if result else 0.0,
         "wall_seconds": result.wall_seconds if result else 0.0,
