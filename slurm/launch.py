@@ -1,9 +1,12 @@
 #!/usr/bin/env python
-"""Entry point: `python slurm/launch.py [key=value ...]` (see --help).
+"""Entry point: `python slurm/launch.py [-m] [key=value ...]` (see --help).
 
-Reads the config, checks it completely before any work, then runs the
-requested stages here (cluster=local; also under torchrun for several
-processes).
+Reads the config and checks it completely before any work, then:
+  cluster=local   runs the requested stages here (under torchrun for several processes);
+  cluster=slurm   submits them as SLURM jobs through submitit (slurm/submit.py);
+  cluster=debug   runs those same job objects in this process.
+`-m` sweeps: every combination of the comma-separated values (slurm/sweep.py).
+`stage=status|cancel run=<run or sweep>` reports on or cancels submitted jobs.
 """
 from __future__ import annotations
 
@@ -11,6 +14,27 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+SWEEP_FLAGS = ("-m", "--multirun")
+
+
+def _job_command(tokens: list[str]) -> tuple[str, str, str] | None:
+    """(command, runs_dir, name) for stage=status|cancel; these read a run, they do not compose one."""
+    from trainer.config.load import parse_overrides
+    from trainer.config.schema import JOB_COMMANDS, RootConfig
+
+    given = dict(parse_overrides(tokens))
+    if given.get("stage") not in JOB_COMMANDS:
+        return None
+    from trainer.config import ConfigError
+    if not given.get("run"):
+        raise ConfigError(f"stage={given['stage']} needs run=<run or sweep name>")
+    return given["stage"], given.get("runs_dir", RootConfig.runs_dir), given["run"]
+
+
+def _run_here(cfg) -> None:
+    from trainer.stages import run_stages
+    run_stages(cfg)
 
 
 def main(argv: list[str]) -> int:
@@ -21,28 +45,62 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(help_text())
         return 0
-    try:
-        cfg = load_config(argv)
-        validate_config(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if cfg.print_config:
-        print(OmegaConf.to_yaml(cfg), end="")
-        return 0
+    sweep = any(a in SWEEP_FLAGS for a in argv)
+    tokens = [a for a in argv if a not in SWEEP_FLAGS]
 
     from trainer.data import DataError
     from trainer.models import ModelError
-    from trainer.stages import StageNotImplemented, run_stages
+    from trainer.stages import StageNotImplemented
+
+    from slurm.status import StatusError, cancel, show_status
+    from slurm.submit import SubmitError
 
     try:
-        run_stages(cfg)
-    except (StageNotImplemented, DataError, ModelError, FileNotFoundError, ValueError) as e:
+        command = _job_command(tokens)
+        if command:
+            what, runs_dir, name = command
+            return (show_status if what == "status" else cancel)(runs_dir, name)
+        if sweep:
+            return _sweep(tokens)
+        cfg = load_config(tokens)
+        validate_config(cfg)
+        if cfg.print_config:
+            print(OmegaConf.to_yaml(cfg), end="")
+            return 0
+        if cfg.cluster.name == "local":
+            _run_here(cfg)
+        else:
+            from slurm.submit import submit_run
+            submit_run(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (StageNotImplemented, DataError, ModelError, FileNotFoundError, ValueError, SubmitError, StatusError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; relaunch the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
+    return 0
+
+
+def _sweep(tokens: list[str]) -> int:
+    from slurm.submit import submit_sweep
+    from slurm.sweep import expand, write_sweep_file
+
+    root, base, points, listing = expand(tokens)
+    if base.print_config:
+        print("\n".join(f"{p['run']}: {p['overrides']}" for p in listing))
+        return 0
+    write_sweep_file(root, base, listing, tokens)
+    print(f"sweep '{root.name}': {len(points)} points in {root}")
+    if base.cluster.name == "local":
+        for i, cfg in enumerate(points, 1):
+            print(f"== point {i}/{len(points)}: {cfg.run}", flush=True)
+            _run_here(cfg)
+    else:
+        submit_sweep(points, root, base)
+        print(f"follow with: python slurm/launch.py stage=status run={root.name}")
     return 0
 
 

@@ -28,6 +28,7 @@ from .checkpoint import CheckpointStore
 from .engines import Engine
 from .metrics import MetricsLog, topk_correct
 from .optim import make_optimizer, make_scheduler
+from .preemption import STOP, Preempted, stop_agreed
 
 
 @dataclass
@@ -173,7 +174,16 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
                           **_view_losses(views, running), **getattr(model, "last", {})}
                 log.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
-            if checkpoint_cfg.every_steps and step % checkpoint_cfg.every_steps == 0 and batch + 1 < steps_per_epoch:
+            last_batch = batch + 1 == steps_per_epoch
+            if not last_batch and stop_agreed(engine):
+                # Preemption or time limit: save this exact position on every rank, then let the job requeue.
+                # (On an epoch's last batch the stop waits for the epoch-end checkpoint just below.)
+                STOP.acknowledge()
+                save(epoch, batch + 1, meters)
+                bar.close()
+                _say(engine, f"{desc}: checkpointed at epoch {epoch + 1}, batch {batch + 1} (step {step}) for requeue")
+                raise Preempted(step, str(store.last))
+            if checkpoint_cfg.every_steps and step % checkpoint_cfg.every_steps == 0 and not last_batch:
                 save(epoch, batch + 1, meters)
         bar.close()
         seconds = time.time() - t0
@@ -194,6 +204,10 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
         batch = 0
         meters.zero_()
         save(epoch + 1, 0, meters)
+        if epoch + 1 < schedule.epochs and stop_agreed(engine):
+            STOP.acknowledge()
+            _say(engine, f"{desc}: checkpointed after epoch {epoch + 1} (step {step}) for requeue")
+            raise Preempted(step, str(store.last))
 
     result.history = history
     result.final = evaluate(engine, engine.raw, val_loader, loss_fn) if not history else {

@@ -25,7 +25,9 @@ CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 # Keys that say how to run this invocation, not what the run is: they never
 # come from a stored run config and never change the default run name.
 RUNTIME_KEYS = ("stage", "run", "runs_dir", "resume", "print_config")
-_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+# Likewise where the jobs run: a run started locally may continue on the cluster.
+RUNTIME_SECTIONS = ("cluster",)
+_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*$")  # sbatch options have hyphens
 
 
 class ConfigError(ValueError):
@@ -62,6 +64,8 @@ def _node(cfg: DictConfig, key: str):
         parent = ".".join(parts[:depth]) or "the root"
         if not isinstance(node, DictConfig):
             raise ConfigError(f"unknown key '{key}': '{parent}' is a value, not a section")
+        if _is_free_mapping(node):  # e.g. cluster.extra_sbatch: any key may be added
+            return node._get_node(part) if part in node else node
         allowed = [str(k) for k in node.keys()]  # keys(), not `in`: `in` hides ??? values
         if part not in allowed:
             guess = difflib.get_close_matches(part, allowed, n=1)
@@ -69,6 +73,11 @@ def _node(cfg: DictConfig, key: str):
             raise ConfigError(f"unknown key '{key}'{hint}; keys under {parent}: {', '.join(allowed)}")
         node = node._get_node(part)
     return node
+
+
+def _is_free_mapping(node) -> bool:
+    """A Dict[str, Any] field (not a schema section): its keys are the user's."""
+    return isinstance(node, DictConfig) and node._metadata.object_type is dict
 
 
 def _type_name(cfg: DictConfig, key: str) -> str:
@@ -80,7 +89,8 @@ def _type_name(cfg: DictConfig, key: str) -> str:
 
 
 def _apply(cfg: DictConfig, key: str, raw: str) -> None:
-    if isinstance(_node(cfg, key), DictConfig):
+    node = _node(cfg, key)
+    if isinstance(node, DictConfig) and not _is_free_mapping(node):
         raise ConfigError(f"'{key}' is a section; set one of its keys, e.g. {key}.<key>=value")
     try:
         cfg.merge_with(OmegaConf.from_dotlist([f"{key}={raw}"]))  # the schema checks the type
@@ -115,7 +125,8 @@ def _flat_keys(content: DictConfig, prefix: str = "") -> list[str]:
 def default_run_name(cfg: DictConfig, overrides: list[tuple[str, str]]) -> str:
     """A readable, deterministic name: the same command maps to the same run (and so resumes it)."""
     name = f"{cfg.model.name}-{cfg.data.name}-{cfg.method.name}"
-    salient = sorted((k, v) for k, v in overrides if k not in RUNTIME_KEYS and k not in GROUPS)
+    salient = sorted((k, v) for k, v in overrides
+                     if k not in RUNTIME_KEYS and k not in GROUPS and k.split(".")[0] not in RUNTIME_SECTIONS)
     if salient:
         name += "-" + hashlib.sha1(repr(salient).encode()).hexdigest()[:8]
     return name
@@ -159,12 +170,15 @@ def load_config(tokens: list[str], configs_dir: Path = CONFIGS_DIR) -> DictConfi
         # command line may change schedules or data paths but not the groups.
         stored = _load_yaml(stored_path)
         for group, option in group_tokens.items():
-            if stored[group].name != option:
+            if group not in RUNTIME_SECTIONS and stored[group].name != option:
                 raise ConfigError(f"run '{run}' was created with {group}={stored[group].name}; "
                                   f"choose another run= for {group}={option}")
         fresh = root_config()
-        body = OmegaConf.masked_copy(stored, [k for k in stored.keys() if k not in RUNTIME_KEYS])
+        body = OmegaConf.masked_copy(stored, [k for k in stored.keys()
+                                              if k not in RUNTIME_KEYS and k not in RUNTIME_SECTIONS])
         _merge_file(fresh, body, str(stored_path))
+        for section in RUNTIME_SECTIONS:  # from this command line, not from the stored run
+            fresh[section] = cfg[section]
         for key, raw in dotted:
             _apply(fresh, key, raw)
         cfg = fresh

@@ -9,18 +9,22 @@ from a fixed set are listed in CHOICES and checked in `validate.py`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+import copy
+from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 GROUPS = ("model", "data", "method", "engine", "cluster")
 STAGES = ("dense", "search", "finetune", "eval", "all")
+# Launcher commands that act on submitted jobs instead of training (stage=status run=<run or sweep>).
+JOB_COMMANDS = ("status", "cancel")
+CLUSTERS = ("local", "slurm", "debug")
 
 
 def _f(default, help: str):
     """A field with a help string (mutable defaults go through default_factory)."""
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: default, metadata={"help": help})
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
@@ -72,7 +76,24 @@ class EngineConfig:
 
 @dataclass
 class ClusterConfig:
-    name: str = _f("local", "where jobs run (set by the cluster= group)")
+    name: str = _f("local", "local: run here (torchrun for several processes); slurm: submit with submitit; "
+                            "debug: run the submitit job object in this process (set by the cluster= group)")
+    partition: Optional[str] = _f(None, "slurm partition (null: the cluster's default)")
+    account: Optional[str] = _f(None, "slurm account to charge")
+    qos: Optional[str] = _f(None, "slurm quality of service")
+    constraint: Optional[str] = _f(None, "slurm node feature constraint, e.g. a100|h100")
+    nodes: int = _f(1, "nodes per job")
+    gpus_per_node: int = _f(0, "GPUs per node; one task (process) is started per GPU")
+    tasks_per_node: Optional[int] = _f(None, "processes per node (null: gpus_per_node, or 1 without GPUs)")
+    cpus_per_task: int = _f(8, "CPU cores per process (FFCV decoding threads run on these)")
+    mem_gb: Optional[float] = _f(None, "memory per node in GB (null: the partition's default)")
+    timeout_min: int = _f(1440, "time limit of each job in minutes; at the limit the job checkpoints and requeues")
+    signal_delay_s: int = _f(120, "seconds before preemption/time limit at which SLURM signals the job to checkpoint")
+    max_timeouts: int = _f(3, "requeues allowed after hitting the time limit (preemptions requeue without limit)")
+    array_parallelism: int = _f(64, "sweeps: array tasks allowed to run at once")
+    job_name: Optional[str] = _f(None, "job name prefix (null: the run name)")
+    extra_sbatch: Dict[str, Any] = _f({}, "further sbatch options, e.g. cluster.extra_sbatch={exclusive: true, mail-type: END}")
+    setup: List[str] = _f([], "shell lines run in the job script before the processes start, e.g. ['module load cuda']")
 
 
 STRUCTURED_METHODS = ("pass", "l1", "random", "uniform")
@@ -189,7 +210,8 @@ class RootConfig:
 # Keys whose value must be one of a fixed set (checked after merging).
 _SCHEDULE_CHOICES = {"optimizer": ("sgd", "adam", "adamw"), "schedule": ("cosine", "step", "constant")}
 CHOICES = {
-    "stage": STAGES,
+    "stage": STAGES + JOB_COMMANDS,
+    "cluster.name": CLUSTERS,
     "resume": ("auto", "never"),
     "engine.backend": ("auto", "gloo", "nccl"),
     "engine.precision": ("auto", "bf16", "fp32"),

@@ -36,6 +36,7 @@ class Engine(ABC):
         self.raw = None         # the plain module (for state dicts and export)
         self.optimizer = None
         self.scheduler = None
+        self._control_group = None
         if self.world_size > 1 and not dist.is_initialized():
             self._init_process_group()
 
@@ -49,6 +50,9 @@ class Engine(ABC):
         dist.init_process_group(self._backend(), init_method=f"tcp://{self.env.master_addr}:{self.env.master_port}",
                                 rank=self.rank, world_size=self.world_size,
                                 timeout=datetime.timedelta(minutes=30))
+        # Control messages (the per-step stop vote) go over gloo on the CPU: a CUDA all-reduce read
+        # back on the host would stall the GPU queue every step.
+        self._control_group = dist.new_group(backend="gloo") if self._backend() != "gloo" else None
 
     @property
     def is_main(self) -> bool:
@@ -63,6 +67,14 @@ class Engine(ABC):
         if self.world_size > 1:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any rank (a collective: every rank must call it)."""
+        if self.world_size == 1:
+            return flag
+        vote = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self._control_group)
+        return bool(vote.item())
 
     def broadcast_object(self, obj):
         if self.world_size == 1:

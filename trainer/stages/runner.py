@@ -39,9 +39,10 @@ def plan(cfg: DictConfig) -> list[str]:
     return ([] if pretrained else ["dense"]) + ["search", "finetune", "eval"]
 
 
-def run_stages(cfg: DictConfig) -> dict:
-    """Run the planned stages; returns the last stage's summary. Done stages are skipped."""
-    for stage in plan(cfg):
+def run_stages(cfg: DictConfig, stages: list[str] | None = None) -> dict:
+    """Run `stages` (default: the plan of `cfg.stage`); returns the last one's summary. Done stages are skipped."""
+    stages = stages or plan(cfg)
+    for stage in stages:
         if stage in ("search", "finetune"):
             # Checked up front: a dense stage must not spend hours on a pipeline that cannot finish.
             require_pruning_method(cfg.method.name, stage)
@@ -55,9 +56,13 @@ def run_stages(cfg: DictConfig) -> dict:
             run.write_config(cfg)
         engine.barrier()
         ctx = StageContext(cfg, engine, run)
+        if cfg.stage == "all" and all(run.is_done(stage) for stage in stages):
+            ctx.say(f"run '{cfg.run}' is finished ({', '.join(stages)} done); nothing to do. Results: {run.root}; "
+                    f"stage=eval evaluates again, resume=never starts a new run")
+            return run.summary(stages[-1])
         ctx.say(f"run '{cfg.run}' in {run.root}")
         summary = {}
-        for stage in plan(cfg):
+        for stage in stages:
             if stage != "eval" and run.is_done(stage):
                 ctx.say(f"{stage}: already done ({run.result(stage)}), skipping")
                 summary = run.summary(stage)

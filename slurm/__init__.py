@@ -1,0 +1,1 @@
+"""The launcher and everything about running on a cluster: submitit jobs, sweeps, status."""
