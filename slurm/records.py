@@ -61,9 +61,14 @@ def write_state(run_root: Path, stages: list[str], job_id: str, state: str, **fi
     """Record a job's state for each of its stages; `starts` counts the times this job id started."""
     for stage in stages:
         old = read_state(run_root, stage) or {}
-        starts = old.get("starts", 0) if old.get("job_id") == job_id else 0
+        same_job = old.get("job_id") == job_id
+        starts = old.get("starts", 0) if same_job else 0
         if state == "running":
             starts += 1
+        # Every state this job id went through, oldest first (a requeued job keeps its id).
+        history = (old.get("history", []) if same_job else []) + [
+            {"state": state, "at": now(), **{k: v for k, v in fields.items() if k in ("reason", "step")}}]
         (run_root / stage).mkdir(parents=True, exist_ok=True)
         write_json(run_root / stage / STATE_FILE, {"job_id": job_id, "state": state, "updated": now(),
-                                                   "host": socket.gethostname(), "starts": starts, **fields})
+                                                   "host": socket.gethostname(), "starts": starts, **fields,
+                                                   "history": history})

@@ -91,12 +91,15 @@ def stage_state(run: RunDir, stage: str, queue: dict, states: dict) -> tuple[str
 
 
 def run_status(run_root: Path, queue: dict) -> list[dict]:
-    """One row per planned stage of the run at `run_root`."""
+    """One row per stage of the run at `run_root` that was asked for (has a directory or a job), in plan order;
+    every planned stage when none was."""
     cfg = OmegaConf.load(run_root / "config.yaml")
     cfg.stage = "all"
     run = RunDir(run_root.parent, run_root.name)
+    jobs = latest_jobs(run_root)
+    stages = [s for s in plan(cfg) if run.stage(s).exists() or s in jobs] or plan(cfg)
     rows, states = [], {}
-    for stage in plan(cfg):
+    for stage in stages:
         state, detail = stage_state(run, stage, queue, states)
         states[stage] = state
         epochs = cfg[stage].epochs if stage in ("dense", "search", "finetune") else None

@@ -56,7 +56,7 @@ def run_stages(cfg: DictConfig, stages: list[str] | None = None) -> dict:
             run.write_config(cfg)
         engine.barrier()
         ctx = StageContext(cfg, engine, run)
-        if cfg.stage == "all" and all(run.is_done(stage) for stage in stages):
+        if cfg.stage != "eval" and all(run.is_done(stage) for stage in stages):
             ctx.say(f"run '{cfg.run}' is finished ({', '.join(stages)} done); nothing to do. Results: {run.root}; "
                     f"stage=eval evaluates again, resume=never starts a new run")
             return run.summary(stages[-1])

@@ -1,0 +1,242 @@
+"""The launcher against a real single-node SLURM (tests/slurm_cluster.py starts it): jobs, requeues, chains,
+arrays, srun DDP and relaunches. Each test submits through `python slurm/launch.py cluster=slurm ...` and
+watches the run directory the jobs write, the way a user would."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, copy_dense, launch, read_json, train_dense
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+SEARCH = ["search.epochs=2", "search.lr=0.01", "pass.prompt_lr=0.01", "finetune.epochs=1", "log.every_steps=1"]
+# One CPU per job, so the 2-core test node runs two jobs at once; no GPUs.
+CLUSTER = ["cluster=slurm", "cluster.gpus_per_node=0", "cluster.cpus_per_task=1", "cluster.timeout_min=30",
+           "cluster.signal_delay_s=60"]
+
+
+def _args(runs, beton_dir, *extra):
+    return ["method=pass", "run=r", f"runs_dir={runs}", f"data.beton_dir={beton_dir}", *TINY, *SEARCH, *extra]
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory, beton_dir):
+    runs = tmp_path_factory.mktemp("dense")
+    return train_dense(runs, _args(runs, beton_dir))
+
+
+def _submit(cluster, args) -> subprocess.CompletedProcess:
+    out = launch([*args, *CLUSTER], env=cluster.env, timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    return out
+
+
+def _jobs(run_root: Path) -> list[dict]:
+    path = run_root / "jobs.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _logs(run_root: Path, job_id: str) -> str:
+    """Everything the job's tasks printed (submitit writes <job>_<task>_log.out/.err)."""
+    folder = run_root / "submitit" if (run_root / "submitit").exists() else run_root.parent / "submitit"
+    return "".join(p.read_text(errors="replace") for p in sorted(folder.glob(f"{job_id}_*_log.*")))
+
+
+def _wait(cluster, predicate, what: str, run_root: Path, timeout: float = 600):
+    """Poll until `predicate()`; on timeout fail with the queue and the run's job logs."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    queue = subprocess.run(["squeue", "-t", "all"], env=cluster.env, capture_output=True, text=True).stdout
+    logs = "\n".join(f"--- job {j['job_id']}\n{_logs(run_root, j['job_id'])[-3000:]}" for j in _jobs(run_root))
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\nsqueue:\n{queue}\n{logs}")
+
+
+def _done(run_root: Path, stage: str):
+    return lambda: (run_root / stage / "result" / "summary.json").exists()
+
+
+def _state(run_root: Path, stage: str) -> dict:
+    path = run_root / stage / "job.json"
+    return read_json(path) if path.exists() else {}
+
+
+def _reached_step(run_root: Path, stage: str, step: int):
+    metrics = run_root / stage / "metrics.jsonl"
+
+    def check():
+        if not metrics.exists():
+            return False
+        return any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines() if line.strip())
+    return check
+
+
+def _status(cluster, runs: Path, name: str) -> str:
+    out = launch(["stage=status", f"run={name}", f"runs_dir={runs}"], env=cluster.env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def _same_search(a: Path, b: Path) -> None:
+    """Two search results are the same decision: structure, accuracy and per-rank mask digests."""
+    assert read_json(a / "search/result/structure.json")["groups"] == read_json(b / "search/result/structure.json")["groups"]
+    sa, sb = read_json(a / "search/result/summary.json"), read_json(b / "search/result/summary.json")
+    assert (sa["top1"], sa["mask_digest_per_rank"]) == (sb["top1"], sb["mask_digest_per_rank"])
+
+
+def test_search_job_completes_and_a_relaunch_is_a_no_op(slurm_cluster, dense_run, tmp_path, beton_dir):
+    runs = copy_dense(dense_run, tmp_path)
+    run = runs / "r"
+    out = _submit(slurm_cluster, _args(runs, beton_dir, "stage=search"))
+    assert "search: job" in out.stdout, out.stdout
+    _wait(slurm_cluster, _done(run, "search"), "the search job's result", run)
+    state = _state(run, "search")
+    assert state["state"] == "completed" and state["starts"] == 1, state
+    assert (run / "search/result/structure.json").exists()
+    assert "search    done" in _status(slurm_cluster, runs, "r")
+
+    again = _submit(slurm_cluster, _args(runs, beton_dir, "stage=search"))
+    assert "is finished" in again.stdout and "nothing to submit" in again.stdout, again.stdout
+    assert len(_jobs(run)) == 1  # nothing new was submitted
+
+
+def test_preempted_search_requeues_resumes_and_matches_an_uninterrupted_run(slurm_cluster, dense_run, tmp_path,
+                                                                            beton_dir):
+    extra = ["stage=search", "search.epochs=3", "checkpoint.every_steps=3"]
+    whole = copy_dense(dense_run, tmp_path / "a")
+    ref = launch(_args(whole, beton_dir, *extra))  # uninterrupted, here
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    runs = copy_dense(dense_run, tmp_path / "b")
+    run = runs / "r"
+    _submit(slurm_cluster, _args(runs, beton_dir, *extra))
+    job_id = _jobs(run)[0]["job_id"]
+    # after the step-3 checkpoint: preempt the way submitit's job._interrupt() does (SIGTERM, then SIGUSR2)
+    _wait(slurm_cluster, _reached_step(run, "search", 4), "search step 4", run)
+    for sig in ("TERM", "USR2"):
+        subprocess.run(["scancel", f"--signal={sig}", job_id], env=slurm_cluster.env, check=True)
+    _wait(slurm_cluster, _done(run, "search"), "the requeued search's result", run)
+
+    state = _state(run, "search")
+    assert state["state"] == "completed" and state["starts"] == 2 and state["job_id"] == job_id, state
+    requeue = next(h for h in state["history"] if h["state"] == "requeued")
+    assert requeue["reason"] == "preemption" and requeue["step"] >= 4, state["history"]
+    log = _logs(run, job_id)
+    assert "for requeue" in log, log[-3000:]
+    resumed = next(line for line in log.splitlines() if "resumed from" in line)
+    assert f"(step {requeue['step']})" in resumed, resumed  # it continued exactly where it stopped
+    _same_search(whole / "r", run)
+
+
+def test_time_limit_requeues_until_done_and_a_spent_timeout_count_fails_clearly(slurm_cluster, dense_run, tmp_path,
+                                                                                 beton_dir):
+    # A 2-minute limit with the signal 30 s before it (SLURM may send it up to a minute early), and a search
+    # that needs about two minutes of training: it has to go through at least one time-limit requeue.
+    extra = ["stage=search", "search.epochs=20", "cluster.timeout_min=2", "cluster.signal_delay_s=30"]
+    patient, strict = copy_dense(dense_run, tmp_path / "patient"), copy_dense(dense_run, tmp_path / "strict")
+    _submit(slurm_cluster, [*_args(patient, beton_dir, *extra), "cluster.max_timeouts=5"])
+    _submit(slurm_cluster, [*_args(strict, beton_dir, *extra), "cluster.max_timeouts=0"])
+
+    _wait(slurm_cluster, lambda: _state(strict / "r", "search").get("state") == "failed",
+          "the job allowed no timeout to fail", strict / "r", timeout=900)
+    failed = _state(strict / "r", "search")
+    assert "time limit" in failed["reason"] and "cluster.max_timeouts=0" in failed["reason"], failed
+    assert "failed" in _status(slurm_cluster, strict, "r")
+
+    _wait(slurm_cluster, _done(patient / "r", "search"), "the time-limited search to finish", patient / "r",
+          timeout=1200)
+    state = _state(patient / "r", "search")
+    assert state["starts"] >= 2, state
+    assert any(h["state"] == "requeued" and h["reason"] == "time limit" for h in state["history"]), state["history"]
+
+
+def test_stage_all_chains_finetune_after_search_and_skips_it_when_search_fails(slurm_cluster, dense_run, tmp_path,
+                                                                               beton_dir):
+    good, bad = copy_dense(dense_run, tmp_path / "good"), copy_dense(dense_run, tmp_path / "bad")
+    (bad / "r/dense/result/model.pt").write_bytes(b"not a checkpoint")  # the search will fail loading it
+    _submit(slurm_cluster, _args(good, beton_dir, "stage=all"))
+    _submit(slurm_cluster, _args(bad, beton_dir, "stage=all"))
+
+    search, finetune = _jobs(good / "r")
+    assert search["stages"] == ["search"] and finetune["stages"] == ["finetune", "eval"]
+    assert finetune["depends_on"] == search["job_id"]
+    _wait(slurm_cluster, _done(good / "r", "eval"), "the chained finetune and eval", good / "r")
+    searched = next(h["at"] for h in _state(good / "r", "search")["history"] if h["state"] == "completed")
+    started = next(h["at"] for h in _state(good / "r", "finetune")["history"] if h["state"] == "running")
+    assert started >= searched
+
+    bad_finetune = _jobs(bad / "r")[1]["job_id"]
+    _wait(slurm_cluster, lambda: _state(bad / "r", "search").get("state") == "failed", "the search to fail", bad / "r")
+    _wait(slurm_cluster, lambda: slurm_cluster.squeue_states([bad_finetune]).get(bad_finetune) not in
+          ("PENDING", "RUNNING"), "SLURM to drop the dependent finetune job", bad / "r", timeout=120)
+    assert not (bad / "r/finetune/job.json").exists()  # it never started
+    status = _status(slurm_cluster, bad, "r")
+    search_line = next(line for line in status.splitlines() if line.strip().startswith("search"))
+    finetune_line = next(line for line in status.splitlines() if line.strip().startswith("finetune"))
+    assert "failed" in search_line and "model.pt" in search_line, status
+    assert "not run" in finetune_line and "search did not succeed" in finetune_line, status
+
+
+def test_sweep_of_four_points_is_one_array(slurm_cluster, dense_run, tmp_path, beton_dir):
+    weights = dense_run / "r/dense/result/model.pt"
+    runs = tmp_path / "runs"
+    args = ["-m", "method=pass,l1", "pruning.flops_ratio=0.3,0.6", "stage=search", "run=sw", f"runs_dir={runs}",
+            f"model.weights={weights}", f"data.beton_dir={beton_dir}", *TINY, *SEARCH]
+    out = _submit(slurm_cluster, args)
+    assert "array" in out.stdout and "of 4 task(s)" in out.stdout, out.stdout
+    sweep = read_json(runs / "sw/sweep.json")
+    names = [p["run"] for p in sweep["points"]]
+    assert names == ["method-pass_flops_ratio-0.3", "method-pass_flops_ratio-0.6",
+                     "method-l1_flops_ratio-0.3", "method-l1_flops_ratio-0.6"]
+    jobs = [_jobs(runs / "sw" / n)[0] for n in names]
+    arrays = {j["array"] for j in jobs}
+    assert len(arrays) == 1 and sorted(j["job_id"] for j in jobs) == [f"{arrays.pop()}_{i}" for i in range(4)]
+    for name in names:
+        _wait(slurm_cluster, _done(runs / "sw" / name, "search"), f"point {name}", runs / "sw" / name)
+    flops = {n: read_json(runs / "sw" / n / "search/result/summary.json")["flops_ratio_achieved"] for n in names}
+    assert all(abs(flops[n] - float(n.rsplit("-", 1)[1])) < 0.05 for n in names), flops
+    status = _status(slurm_cluster, runs, "sw")
+    assert "4 done" in status, status
+
+
+def test_two_tasks_under_srun_match_a_two_process_local_run(slurm_cluster, dense_run, tmp_path, beton_dir):
+    extra = ["stage=search"]
+    local = copy_dense(dense_run, tmp_path / "local")
+    ref = launch(_args(local, beton_dir, *extra), torchrun=2)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    runs = copy_dense(dense_run, tmp_path / "srun")
+    _submit(slurm_cluster, [*_args(runs, beton_dir, *extra), "cluster.tasks_per_node=2"])
+    _wait(slurm_cluster, _done(runs / "r", "search"), "the 2-task search", runs / "r")
+    summary = read_json(runs / "r/search/result/summary.json")
+    assert summary["world_size"] == 2 and len(summary["mask_digest_per_rank"]) == 2, summary
+    assert _state(runs / "r", "search")["tasks"] == 2
+    _same_search(local / "r", runs / "r")
+
+
+def test_relaunching_a_cancelled_run_resumes_it(slurm_cluster, dense_run, tmp_path, beton_dir):
+    args = _args(copy_dense(dense_run, tmp_path), beton_dir, "stage=search", "search.epochs=4",
+                 "checkpoint.every_steps=2")
+    runs, run = tmp_path / "runs", tmp_path / "runs" / "r"
+    _submit(slurm_cluster, args)
+    first = _jobs(run)[0]["job_id"]
+    _wait(slurm_cluster, _reached_step(run, "search", 5), "search step 5", run)
+    out = launch(["stage=cancel", "run=r", f"runs_dir={runs}"], env=slurm_cluster.env)
+    assert out.returncode == 0 and f"cancelled 1 job(s): {first}" in out.stdout, out.stdout + out.stderr
+    _wait(slurm_cluster, lambda: slurm_cluster.squeue_states([first]).get(first) not in ("RUNNING", "COMPLETING"),
+          "the cancelled job to end", run, timeout=120)
+    assert "cancelled" in _status(slurm_cluster, runs, "r")
+
+    again = _submit(slurm_cluster, args)
+    assert "resumes from" in again.stdout, again.stdout
+    second = _jobs(run)[1]["job_id"]
+    assert second != first
+    _wait(slurm_cluster, _done(run, "search"), "the relaunched search", run)
+    assert "resumed from" in _logs(run, second)
