@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture for the slurm-marked tests)
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "slurm" / "launch.py"
 SHARED_DATA = REPO.parent / "shared" / "data"
