@@ -9,6 +9,8 @@ which resume from their latest checkpoint.
 """
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -57,7 +59,9 @@ class StageJob:
             raise
         except Exception as e:
             if main:
-                write_state(root, self.stages, job_id, "failed", reason=f"{type(e).__name__}: {e}")
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                write_state(root, self.stages, job_id, "failed", reason=f"{type(e).__name__}: {first}",
+                            log=_stderr_log(env))
             raise
         finally:
             STOP.disarm()
@@ -79,6 +83,8 @@ class StageJob:
         return submitit.helpers.DelayedSubmission(self)
 
     def _requeue(self, main: bool, root: Path, job_id: str, stop) -> None:
+        from submitit.core.utils import UncompletedJobError
+
         from trainer.preemption import STOP
 
         if not main:
@@ -96,13 +102,25 @@ class StageJob:
                         f"handler (not a SLURM job); relaunch the same command to resume", step=stop.step)
             return
         cause = "time limit" if handler.has_timed_out() else "preemption"
-        write_state(root, self.stages, job_id, "requeued", reason=cause, step=stop.step, checkpoint=stop.path)
         try:
             STOP.hand_over()  # submitit: checkpoint(), `scontrol requeue`, exit
-        except Exception as e:  # submitit refuses: too many timeouts
+        except SystemExit:
+            write_state(root, self.stages, job_id, "requeued", reason=cause, step=stop.step, checkpoint=stop.path)
+            raise
+        except subprocess.CalledProcessError:
+            # `scontrol requeue` refused: under PreemptMode=REQUEUE SLURM is already requeueing the job itself.
+            write_state(root, self.stages, job_id, "requeued", reason=f"{cause} (requeued by SLURM)",
+                        step=stop.step, checkpoint=stop.path)
+            raise SystemExit(-1)
+        except UncompletedJobError as e:  # submitit refuses: too many timeouts
             cfg = OmegaConf.create(self.cfg_yaml)
             write_state(root, self.stages, job_id, "failed", step=stop.step, checkpoint=stop.path,
                         reason=f"{cause} at step {stop.step} and not requeued ({e}; cluster.max_timeouts="
                                f"{cfg.cluster.max_timeouts}); relaunch the same command to resume from "
                                f"{stop.path}")
             raise
+
+
+def _stderr_log(env) -> str | None:
+    """This task's submitit stderr file, where the traceback is (None outside a submitit job process)."""
+    return str(env.paths.stderr) if "SUBMITIT_FOLDER" in os.environ else None

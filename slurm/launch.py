@@ -37,6 +37,17 @@ def _run_here(cfg) -> None:
     run_stages(cfg)
 
 
+def _user_errors() -> tuple:
+    """Exceptions that mean bad input or state, printed as one line (imported late: they pull in torch)."""
+    from slurm.status import StatusError
+    from slurm.submit import SubmitError
+    from trainer.data import DataError
+    from trainer.models import ModelError
+    from trainer.stages import StageNotImplemented
+
+    return (StageNotImplemented, DataError, ModelError, FileNotFoundError, ValueError, SubmitError, StatusError)
+
+
 def main(argv: list[str]) -> int:
     from omegaconf import OmegaConf
 
@@ -47,17 +58,10 @@ def main(argv: list[str]) -> int:
         return 0
     sweep = any(a in SWEEP_FLAGS for a in argv)
     tokens = [a for a in argv if a not in SWEEP_FLAGS]
-
-    from trainer.data import DataError
-    from trainer.models import ModelError
-    from trainer.stages import StageNotImplemented
-
-    from slurm.status import StatusError, cancel, show_status
-    from slurm.submit import SubmitError
-
     try:
         command = _job_command(tokens)
         if command:
+            from slurm.status import cancel, show_status
             what, runs_dir, name = command
             return (show_status if what == "status" else cancel)(runs_dir, name)
         if sweep:
@@ -75,12 +79,14 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (StageNotImplemented, DataError, ModelError, FileNotFoundError, ValueError, SubmitError, StatusError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted; relaunch the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
+    except Exception as e:
+        if isinstance(e, _user_errors()):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
     return 0
 
 

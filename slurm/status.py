@@ -75,6 +75,8 @@ def stage_state(run: RunDir, stage: str, queue: dict, states: dict) -> tuple[str
         detail = f"job {own['job_id']}, {own['updated']}"
         if own.get("reason"):
             detail += f": {own['reason']}"
+        if own["state"] == "failed" and own.get("log"):
+            detail += f" (traceback: {own['log']})"
         if own["state"] in ("running", "requeued"):
             # The job's record says it runs but SLURM no longer has it: killed without a chance to say so.
             return "interrupted", detail + " (the job ended without finishing; relaunch the same command to resume)"

@@ -31,7 +31,7 @@ def dense_run(tmp_path_factory, beton_dir):
 
 
 def _submit(cluster, args) -> subprocess.CompletedProcess:
-    out = launch([*args, *CLUSTER], env=cluster.env, timeout=120)
+    out = launch([*CLUSTER, *args], env=cluster.env, timeout=120)  # the test's own cluster.* keys win
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     return out
 
@@ -107,8 +107,11 @@ def test_search_job_completes_and_a_relaunch_is_a_no_op(slurm_cluster, dense_run
     assert len(_jobs(run)) == 1  # nothing new was submitted
 
 
+@pytest.mark.parametrize("preempt", ["signal", "partition"])
 def test_preempted_search_requeues_resumes_and_matches_an_uninterrupted_run(slurm_cluster, dense_run, tmp_path,
-                                                                            beton_dir):
+                                                                            beton_dir, preempt):
+    """signal: what submitit's job._interrupt() sends (SIGTERM, then SIGUSR2). partition: real preemption,
+    a whole-node job in the higher-priority partition (SLURM signals, then requeues by PreemptMode=REQUEUE)."""
     extra = ["stage=search", "search.epochs=3", "checkpoint.every_steps=3"]
     whole = copy_dense(dense_run, tmp_path / "a")
     ref = launch(_args(whole, beton_dir, *extra))  # uninterrupted, here
@@ -118,16 +121,19 @@ def test_preempted_search_requeues_resumes_and_matches_an_uninterrupted_run(slur
     run = runs / "r"
     _submit(slurm_cluster, _args(runs, beton_dir, *extra))
     job_id = _jobs(run)[0]["job_id"]
-    # after the step-3 checkpoint: preempt the way submitit's job._interrupt() does (SIGTERM, then SIGUSR2)
-    _wait(slurm_cluster, _reached_step(run, "search", 4), "search step 4", run)
-    for sig in ("TERM", "USR2"):
-        subprocess.run(["scancel", f"--signal={sig}", job_id], env=slurm_cluster.env, check=True)
+    _wait(slurm_cluster, _reached_step(run, "search", 4), "search step 4", run)  # after the step-3 checkpoint
+    if preempt == "signal":
+        for sig in ("TERM", "USR2"):
+            subprocess.run(["scancel", f"--signal={sig}", job_id], env=slurm_cluster.env, check=True)
+    else:
+        slurm_cluster.sbatch("-p", slurm_cluster.preempt_partition, "-c", str(slurm_cluster.cpus),
+                             "--output=/dev/null", "--wrap", "sleep 3")
     _wait(slurm_cluster, _done(run, "search"), "the requeued search's result", run)
 
     state = _state(run, "search")
     assert state["state"] == "completed" and state["starts"] == 2 and state["job_id"] == job_id, state
     requeue = next(h for h in state["history"] if h["state"] == "requeued")
-    assert requeue["reason"] == "preemption" and requeue["step"] >= 4, state["history"]
+    assert requeue["reason"].startswith("preemption") and requeue["step"] >= 4, state["history"]
     log = _logs(run, job_id)
     assert "for requeue" in log, log[-3000:]
     resumed = next(line for line in log.splitlines() if "resumed from" in line)
@@ -138,10 +144,10 @@ def test_preempted_search_requeues_resumes_and_matches_an_uninterrupted_run(slur
 def test_time_limit_requeues_until_done_and_a_spent_timeout_count_fails_clearly(slurm_cluster, dense_run, tmp_path,
                                                                                  beton_dir):
     # A 2-minute limit with the signal 30 s before it (SLURM may send it up to a minute early), and a search
-    # that needs about two minutes of training: it has to go through at least one time-limit requeue.
-    extra = ["stage=search", "search.epochs=20", "cluster.timeout_min=2", "cluster.signal_delay_s=30"]
+    # of 30 short epochs, about two minutes of training here (35 took 130 s): it cannot finish in one job.
+    extra = ["stage=search", "search.epochs=30", "cluster.timeout_min=2", "cluster.signal_delay_s=30"]
     patient, strict = copy_dense(dense_run, tmp_path / "patient"), copy_dense(dense_run, tmp_path / "strict")
-    _submit(slurm_cluster, [*_args(patient, beton_dir, *extra), "cluster.max_timeouts=5"])
+    _submit(slurm_cluster, [*_args(patient, beton_dir, *extra), "cluster.max_timeouts=6"])
     _submit(slurm_cluster, [*_args(strict, beton_dir, *extra), "cluster.max_timeouts=0"])
 
     _wait(slurm_cluster, lambda: _state(strict / "r", "search").get("state") == "failed",

@@ -8,8 +8,8 @@ from a fixed set are listed in CHOICES and checked in `validate.py`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import copy
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict

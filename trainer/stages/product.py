@@ -9,6 +9,7 @@ no search state is needed to use a pruned model.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -39,7 +40,11 @@ def save_product(directory: Path, model: ImageClassifier, *, arch: str, classes,
 def load_product(directory: Path) -> tuple[ImageClassifier, dict]:
     """Rebuild the classifier from a result directory (torchvision architecture [+ structure] + weights)."""
     directory = Path(directory)
-    blob = torch.load(directory / PRODUCT_FILE, map_location="cpu", weights_only=True)
+    try:
+        blob = torch.load(directory / PRODUCT_FILE, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"cannot read {directory / PRODUCT_FILE} ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0]}); is the stage that wrote it finished?") from None
     backbone = build_backbone(blob["arch"], len(blob["classes"]), blob["res"], weights=None)
     structure_path = directory / STRUCTURE_FILE
     if structure_path.exists():
