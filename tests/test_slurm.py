@@ -203,7 +203,9 @@ def test_sweep_of_four_points_is_one_array(slurm_cluster, dense_run, tmp_path, b
                      "method-l1_flops_ratio-0.3", "method-l1_flops_ratio-0.6"]
     jobs = [_jobs(runs / "sw" / n)[0] for n in names]
     arrays = {j["array"] for j in jobs}
-    assert len(arrays) == 1 and sorted(j["job_id"] for j in jobs) == [f"{arrays.pop()}_{i}" for i in range(4)]
+    assert len(arrays) == 1, jobs
+    array = arrays.pop()
+    assert sorted(j["job_id"] for j in jobs) == [f"{array}_{i}" for i in range(4)]
     for name in names:
         _wait(slurm_cluster, _done(runs / "sw" / name, "search"), f"point {name}", runs / "sw" / name)
     flops = {n: read_json(runs / "sw" / n / "search/result/summary.json")["flops_ratio_achieved"] for n in names}

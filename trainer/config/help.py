@@ -6,15 +6,18 @@ import dataclasses
 from .load import CONFIGS_DIR, group_options, load_config
 from .schema import GROUPS, KEYWORD_SECTIONS, RootConfig
 
-USAGE = """usage: python slurm/launch.py [key=value ...]
+USAGE = """usage: python slurm/launch.py [-m] [key=value ...]
 
 Runs the stages of a pruning run. Every setting is a key=value override;
 group=option picks configs/<group>/<option>.yaml. Examples:
-  python slurm/launch.py                                   # dense training on the embedded synthetic data
+  python slurm/launch.py                                   # the whole pipeline on the embedded synthetic data
   python slurm/launch.py stage=dense model=resnet18 data=imagefolder data.train_dir=/data/cifar10/train
   python slurm/launch.py stage=eval run=<name> data.val_dir=/data/other_val
   torchrun --nproc_per_node 2 slurm/launch.py stage=dense   # several local processes (DDP)
-Flags: --help (this text).  Outputs go to <runs_dir>/<run>/<stage>/.
+  python slurm/launch.py stage=all cluster=slurm cluster.partition=gpu   # one SLURM job per stage, chained
+  python slurm/launch.py -m method=pass,l1 pruning.flops_ratio=0.3,0.5   # a sweep: every combination
+  python slurm/launch.py stage=status run=<run or sweep>   # stage=cancel run=... cancels its jobs
+Flags: --help (this text), -m (sweep).  Outputs go to <runs_dir>/<run>/<stage>/; see docs/cluster.md.
 """
 
 

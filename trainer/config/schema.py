@@ -183,7 +183,7 @@ class LogConfig:
 
 @dataclass
 class RootConfig:
-    stage: str = _f("all", "dense | search | finetune | eval | all")
+    stage: str = _f("all", "dense | search | finetune | eval | all; status | cancel act on a run's or sweep's jobs")
     run: Optional[str] = _f(None, "run name: runs/<run>/ (default: derived from the groups and overrides)")
     runs_dir: str = _f("runs", "parent directory of run directories")
     seed: int = _f(0, "seed for initialisation, data order and augmentation")
