@@ -66,7 +66,7 @@ class StageJob:
         finally:
             STOP.disarm()
         if main:
-            write_state(root, self.stages, job_id, "completed",
+            write_state(root, self.stages, job_id, "completed", tasks=env.num_tasks, nodes=env.num_nodes,
                         top1=summary.get("top1"), result=str(root / self.stages[-1] / "result"))
         return summary
 
