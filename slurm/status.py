@@ -161,7 +161,13 @@ def cancel(runs_dir: str, name: str, say=print) -> int:
     for run_root in roots:
         for stage, record in latest_jobs(run_root).items():
             job_id = record["job_id"]
-            if queue.get(job_id, ("", ""))[0] in LIVE_STATES and job_id not in cancelled:
+            state = queue.get(job_id, ("", ""))[0]
+            if state in LIVE_STATES and job_id not in cancelled:
+                if state != "PENDING":
+                    # A plain scancel sends SIGTERM, which submitit ignores, and the job would go on for
+                    # KillWait seconds (it may even finish). Kill its processes now: a relaunch resumes
+                    # from the last checkpoint.
+                    subprocess.run(["scancel", "--signal=KILL", job_id], check=False, timeout=60)
                 subprocess.run(["scancel", job_id], check=False, timeout=60)
                 cancelled.append(job_id)
                 write_state(run_root, record["stages"], job_id, "cancelled",

@@ -230,7 +230,7 @@ def test_two_tasks_under_srun_match_a_two_process_local_run(slurm_cluster, dense
 
 
 def test_relaunching_a_cancelled_run_resumes_it(slurm_cluster, dense_run, tmp_path, beton_dir):
-    args = _args(copy_dense(dense_run, tmp_path), beton_dir, "stage=search", "search.epochs=4",
+    args = _args(copy_dense(dense_run, tmp_path), beton_dir, "stage=search", "search.epochs=8",
                  "checkpoint.every_steps=2")
     runs, run = tmp_path / "runs", tmp_path / "runs" / "r"
     _submit(slurm_cluster, args)
