@@ -87,8 +87,8 @@ def test_stage_all_then_eval_on_another_val_dir(tmp_path, beton_dir):
     assert summary["flops"] == 37016576 // 1 and summary["params"] == 11181642  # resnet18, 10 classes, 32 px
     assert (runs / "r/eval/summary.json").exists() and (runs / "r/config.yaml").exists()
 
-    again = launch(args)  # done stages are skipped
-    assert again.returncode == 0 and "dense: already done" in again.stdout
+    again = launch(args)  # a finished run is a no-op that says so
+    assert again.returncode == 0 and "is finished (dense, eval done); nothing to do" in again.stdout, again.stdout
 
     # Evaluate on an ImageFolder tree whose folders are the synthetic class names.
     from trainer.data.synthetic import SyntheticImages

@@ -47,6 +47,7 @@ class StopRequest:
         """Install the recording handler for `signum` (from the main thread), keeping the previous one."""
         self.previous = signal.getsignal(signum)
         self.signum, self._grace_s = signum, grace_s
+        self.requested, self._fallback, self.received_at = False, False, None
         signal.signal(signum, self._on_signal)
         self.armed = True
 
