@@ -11,12 +11,11 @@ from __future__ import annotations
 import getpass
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from trainer.run_dir import RunDir
+from trainer.run_dir import RunDir, timestamped
 from trainer.stages.runner import plan
 
 from .job import StageJob
@@ -126,13 +125,12 @@ def _log_path(folder: Path, job) -> Path:
 def submit_run(cfg: DictConfig, say=print) -> list:
     """Submit the run's pending stages as a dependency chain; returns the submitted submitit jobs."""
     if cfg.resume == "never":
-        cfg.run = f"{cfg.run}-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg.run = timestamped(cfg.run)
         cfg.resume = "auto"  # the jobs (and their requeues) continue this new run
     run = RunDir(cfg.runs_dir, cfg.run)
     pending = pending_stages(cfg, run)
     if not pending:
-        say(f"run '{cfg.run}' is finished ({', '.join(plan(cfg))} done); nothing to submit. "
-            f"Results: {run.root}; stage=eval evaluates again, resume=never starts a new run")
+        say(run.finished_note(plan(cfg), "nothing to submit"))
         return []
     if cfg.cluster.name == "slurm":
         live = live_jobs(run.root, queue_states())
@@ -164,7 +162,7 @@ def submit_run(cfg: DictConfig, say=print) -> list:
 
 
 def _resume_note(run: RunDir, stage: str) -> str:
-    last = run.stage(stage) / "checkpoints" / "last.pt"
+    last = run.last_checkpoint(stage)
     return f" (resumes from {last})" if last.exists() else ""
 
 

@@ -14,14 +14,13 @@ import hashlib
 import itertools
 import json
 import re
-import time
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from trainer.config import ConfigError, load_config, validate_config
 from trainer.config.load import RUNTIME_KEYS, RUNTIME_SECTIONS, parse_overrides
-from trainer.run_dir import write_json
+from trainer.run_dir import timestamped, write_json
 
 from .records import SWEEP_FILE, now
 
@@ -33,7 +32,7 @@ def split_axes(tokens: list[str]) -> tuple[list[str], list[tuple[str, list[str]]
     fixed, axes = [], []
     for key, value in parse_overrides(tokens):
         if "," in value and not value.startswith(("[", "{")):
-            values = [v for v in value.split(",")]
+            values = value.split(",")
             if any(v == "" for v in values) or len(set(values)) != len(values):
                 raise ConfigError(f"{key}={value}: a sweep axis lists distinct, non-empty values")
             if key in RUNTIME_KEYS or key.split(".")[0] in RUNTIME_SECTIONS:
@@ -64,7 +63,7 @@ def expand(tokens: list[str]) -> tuple[Path, DictConfig, list[DictConfig], list[
     validate_config(base)
     sweep = dict(parse_overrides(fixed)).get("run") or default_sweep_name(fixed, axes)
     if base.resume == "never":
-        sweep += "-" + time.strftime("%Y%m%d-%H%M%S")
+        sweep = timestamped(sweep)
     root = Path(base.runs_dir).expanduser() / sweep
     without_run = [t for t in fixed if not t.startswith(("run=", "runs_dir=", "resume="))]
     configs, listing = [], []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -25,6 +26,15 @@ class RunDir:
 
     def result(self, stage: str) -> Path:
         return self.stage(stage) / "result"
+
+    def last_checkpoint(self, stage: str) -> Path:
+        """Where the stage's newest checkpoint is (it may not exist yet)."""
+        return self.stage(stage) / "checkpoints" / "last.pt"
+
+    def finished_note(self, stages: list[str], outcome: str) -> str:
+        """What a relaunch of a finished run says instead of doing anything."""
+        return (f"run '{self.name}' is finished ({', '.join(stages)} done); {outcome}. Results: {self.root}; "
+                f"stage=eval evaluates again, resume=never starts a new run")
 
     def is_done(self, stage: str) -> bool:
         return (self.result(stage) / "summary.json").exists()
@@ -50,6 +60,11 @@ class RunDir:
             shutil.rmtree(final)
         os.replace(tmp, final)
         return final
+
+
+def timestamped(name: str) -> str:
+    """The name of a fresh run for resume=never: <name>-<YYYYmmdd-HHMMSS>."""
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _atomic_text(path: Path, text: str) -> None:

@@ -1,14 +1,12 @@
 """Run the requested stage(s) of a run in this process (one of possibly several DDP processes)."""
 from __future__ import annotations
 
-import time
-
 from omegaconf import DictConfig
 
 from ..distributed import detect_env
 from ..engines import make_engine
 from ..models import has_weights
-from ..run_dir import RunDir
+from ..run_dir import RunDir, timestamped
 from .context import StageContext, StageNotImplemented
 from .dense import run_dense
 from .evaluate import run_eval
@@ -49,16 +47,14 @@ def run_stages(cfg: DictConfig, stages: list[str] | None = None) -> dict:
     engine = make_engine(cfg.engine, detect_env())
     try:
         if cfg.resume == "never":
-            stamp = engine.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
-            cfg.run = f"{cfg.run}-{stamp}"
+            cfg.run = engine.broadcast_object(timestamped(cfg.run))  # one name for every process
         run = RunDir(cfg.runs_dir, cfg.run)
         if engine.is_main:
             run.write_config(cfg)
         engine.barrier()
         ctx = StageContext(cfg, engine, run)
         if cfg.stage != "eval" and all(run.is_done(stage) for stage in stages):
-            ctx.say(f"run '{cfg.run}' is finished ({', '.join(stages)} done); nothing to do. Results: {run.root}; "
-                    f"stage=eval evaluates again, resume=never starts a new run")
+            ctx.say(run.finished_note(stages, "nothing to do"))
             return run.summary(stages[-1])
         ctx.say(f"run '{cfg.run}' in {run.root}")
         summary = {}
