@@ -87,7 +87,7 @@ def stage_state(run: RunDir, stage: str, queue: dict, states: dict) -> tuple[str
         if upstream:
             return "not run", f"job {record['job_id']} {state.lower() or 'ended'}: {upstream} did not succeed"
         return "not run", f"job {record['job_id']} {state.lower() or 'ended'} before starting"
-    if run.last_checkpoint(stage).exists():
+    if run.newest_checkpoint(stage):
         return "interrupted", "has a checkpoint; relaunch the same command to resume"
     return "not started", ""
 

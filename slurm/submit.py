@@ -162,8 +162,8 @@ def submit_run(cfg: DictConfig, say=print) -> list:
 
 
 def _resume_note(run: RunDir, stage: str) -> str:
-    last = run.last_checkpoint(stage)
-    return f" (resumes from {last})" if last.exists() else ""
+    newest = run.newest_checkpoint(stage)
+    return f" (resumes from {newest})" if newest else ""
 
 
 def submit_sweep(points: list[DictConfig], sweep_root: Path, base: DictConfig, say=print) -> dict[str, list]:

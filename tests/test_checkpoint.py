@@ -25,6 +25,22 @@ def test_store_keeps_older_and_falls_back_when_last_is_damaged(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary files left behind
 
 
+def test_a_save_killed_mid_write_leaves_last_in_place(tmp_path, monkeypatch):
+    store = CheckpointStore(tmp_path, keep=2)
+    store.save({"step": 10}, 10)
+
+    def dies_mid_write(obj, f):  # stands in for the process being killed while torch.save writes
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", dies_mid_write)
+    try:
+        store.save({"step": 20}, 20)
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    assert store.newest() == store.last and store.load_latest()["step"] == 10
+
+
 def test_empty_store_has_nothing_to_resume(tmp_path):
     assert CheckpointStore(tmp_path / "none").load_latest() is None
 

@@ -12,14 +12,19 @@ from pathlib import Path
 import torch
 
 
-def atomic_save(obj, path: Path) -> None:
+def _write_synced(obj, path: Path) -> Path:
+    """Write `obj` fully to a temporary file next to `path` and return it (nothing at `path` changes yet)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return tmp
+
+
+def atomic_save(obj, path: Path) -> None:
+    os.replace(_write_synced(obj, path), path)
 
 
 class CheckpointStore:
@@ -31,13 +36,19 @@ class CheckpointStore:
         return self.dir / "last.pt"
 
     def save(self, state: dict, step: int) -> Path:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        # Write first, then rotate: a kill during the (long) write leaves last.pt in place, and
+        # between the two renames the newest state is still found among prev-*.pt.
+        tmp = _write_synced(state, self.last)
         if self.keep > 0 and self.last.exists():
             os.replace(self.last, self.dir / f"prev-{step:09d}.pt")
             for old in sorted(self.dir.glob("prev-*.pt"))[:-self.keep]:
                 old.unlink(missing_ok=True)
-        atomic_save(state, self.last)
+        os.replace(tmp, self.last)
         return self.last
+
+    def newest(self) -> Path | None:
+        """The checkpoint a resume tries first, if any."""
+        return next(iter(self.candidates()), None)
 
     def candidates(self) -> list[Path]:
         """Newest first: last.pt, then the kept older ones."""

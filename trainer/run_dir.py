@@ -27,9 +27,11 @@ class RunDir:
     def result(self, stage: str) -> Path:
         return self.stage(stage) / "result"
 
-    def last_checkpoint(self, stage: str) -> Path:
-        """Where the stage's newest checkpoint is (it may not exist yet)."""
-        return self.stage(stage) / "checkpoints" / "last.pt"
+    def newest_checkpoint(self, stage: str) -> Path | None:
+        """The checkpoint the stage would resume from (None: it starts afresh)."""
+        from .checkpoint import CheckpointStore  # torch: only where checkpoints are looked at
+
+        return CheckpointStore(self.stage(stage) / "checkpoints").newest()
 
     def finished_note(self, stages: list[str], outcome: str) -> str:
         """What a relaunch of a finished run says instead of doing anything."""
