@@ -108,7 +108,7 @@ class PassHypernetwork(nn.Module):
             self.phi = nn.Sequential(nn.Linear(NUM_STATS, embed_dim), nn.ReLU(), nn.Linear(embed_dim, embed_dim))
             # u = 0, beta = 1: the prior contributes exactly zero at the start, yet u gets gradient at once.
             self.u = nn.Parameter(torch.zeros(NUM_STATS))
-            self.beta = nn.Parameter(torch.ones(()))
+            self.beta = nn.Parameter(torch.ones(1))  # 1-D: DeepSpeed broadcasts and shards parameters as bytes
         self.encoder = PromptEncoder(hidden) if use_prompt else None
         if recurrent:
             self.cell = nn.LSTMCell(embed_dim, hidden)

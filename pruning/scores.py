@@ -28,6 +28,7 @@ the forward costs nothing extra.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -35,6 +36,7 @@ from functools import partial
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 SCORE_SUFFIX = "_score"
 THRESHOLDS = ("global", "layer")
@@ -150,7 +152,10 @@ class ScoreMasks:
         self.density, self.threshold = density, threshold
         self.weights = scorable_weights(model, exclude_first=exclude_first, exclude_classifier=exclude_classifier)
         self._cache_key, self._masks = None, None
-        self._handles = []
+        # Every optimizer step counts as a change: DeepSpeed writes its updated weights back through
+        # `.data`, which no version counter sees.
+        self._steps = 0
+        self._handles = [register_optimizer_step_post_hook(self._count_step)]
         for i, w in enumerate(self.weights):
             w.module.register_parameter(w.param_name + SCORE_SUFFIX, nn.Parameter(initial_scores(w.weight)))
             self._handles.append(w.reader.register_forward_pre_hook(partial(self._use_masked_weight, i)))
@@ -160,16 +165,23 @@ class ScoreMasks:
     def scores(self) -> list[nn.Parameter]:
         return [w.module._parameters[w.param_name + SCORE_SUFFIX] for w in self.weights]
 
+    def _count_step(self, optimizer, args, kwargs) -> None:
+        self._steps += 1
+
     def masks(self) -> list[torch.Tensor]:
         """The current hard masks (bool), recomputed only when a score tensor changed.
 
-        "Changed" is read from each score's storage and in-place version counter, which
-        optimizer steps, `copy_` and `load_state_dict` advance; edits through `.data` do not.
+        "Changed": an optimizer step was taken, or a score's storage or in-place version counter
+        moved (`copy_`, `load_state_dict`); edits through `.data` alone are not seen. Under ZeRO-3
+        (scores sharded between forwards) the global threshold needs every score: they are
+        gathered the way DeepSpeed intends, and the storage is not part of the key (it is new
+        at every gather).
         """
         scores = self.scores()
-        key = tuple((s.data_ptr(), s._version) for s in scores)
+        sharded = any(hasattr(s, "ds_id") for s in scores)
+        key = (self._steps, None if sharded else tuple((s.data_ptr(), s._version) for s in scores))
         if key != self._cache_key:
-            with torch.no_grad():
+            with torch.no_grad(), _gathered(scores if sharded else []):
                 self._masks = keep_top([s.detach().abs() for s in scores], self.density, self.threshold)
             self._cache_key = key
         return self._masks
@@ -206,6 +218,14 @@ class ScoreMasks:
             w.module.__dict__.pop(w.param_name, None)
         self._handles = []
         return final
+
+
+def _gathered(params: list[torch.Tensor]):
+    """DeepSpeed ZeRO-3: the whole of the given sharded parameters for the duration (read-only)."""
+    if not params:
+        return contextlib.nullcontext()
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters, ZeroParamStatus
+    return GatheredParameters([p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE])
 
 
 def resolve_weight(model: nn.Module, key: str) -> tuple[nn.Module, str]:

@@ -24,7 +24,6 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from .checkpoint import CheckpointStore
 from .engines import Engine
 from .metrics import MetricsLog, topk_correct
 from .optim import make_optimizer, make_scheduler
@@ -56,9 +55,12 @@ def evaluate(engine: Engine, model: torch.nn.Module, loader, loss_fn=None) -> di
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=engine.device)  # loss, top1, top5, count
-    for images, labels, _ in loader:
+    batches = _batches_in_step(engine, loader)
+    for images, labels, _ in batches:
         with engine.autocast():
             logits, _ = split_output(model(images))
+        if labels is None:  # a forward only to join the other processes' gathers
+            continue
         c1, c5 = topk_correct(logits, labels)
         loss = loss_fn(logits.float(), labels) * len(labels) if loss_fn else torch.zeros((), device=engine.device)
         sums += torch.stack([loss.double(), c1.double(), c5.double(),
@@ -68,6 +70,24 @@ def evaluate(engine: Engine, model: torch.nn.Module, loader, loss_fn=None) -> di
     n = max(1.0, sums[3].item())
     return {"top1": 100 * sums[1].item() / n, "top5": 100 * sums[2].item() / n,
             "loss": sums[0].item() / n, "count": int(sums[3].item())}
+
+
+def _batches_in_step(engine: Engine, loader):
+    """The loader's batches; under ZeRO-3, padded with repeats (labels None) to the most any process has.
+
+    Every ZeRO-3 forward gathers parameters from all processes, so each must run as many forwards.
+    """
+    if not engine.forward_has_collectives:
+        yield from loader
+        return
+    most = torch.tensor([len(loader)], dtype=torch.int64)
+    engine.all_reduce_max(most)
+    n, last = 0, None
+    for last in loader:
+        n += 1
+        yield last
+    for _ in range(int(most.item()) - n):
+        yield last[0], None, None
 
 
 def _view_losses(views, summed: torch.Tensor) -> dict:
@@ -98,8 +118,9 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
     # A later view may leave parameters unused (the prompt, in the step without it): DDP must then
     # look for them, and leaves their gradient unset so the optimizer skips them in that step.
     engine.wrap(model, optimizer, make_scheduler(optimizer, schedule, steps_per_epoch * len(views)),
+                batch_size=train_loader.batch_size, grad_clip=schedule.grad_clip,
                 find_unused_parameters=len(views) > 1)
-    store = CheckpointStore(stage_dir / "checkpoints", keep=checkpoint_cfg.keep)
+    checkpoints = stage_dir / "checkpoints"
     log = MetricsLog(stage_dir / "metrics.jsonl", enabled=engine.is_main)
 
     epoch, batch, step, elapsed = 0, 0, 0, 0.0
@@ -107,14 +128,13 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
     meters = torch.zeros(2 + len(views), dtype=torch.float64, device=engine.device)
     history: list[dict] = []
     result = FitResult()
-    ckpt = store.load_latest(log=lambda m: _say(engine, m)) if resume else None
+    ckpt = engine.load_checkpoint(checkpoints, log=lambda m: _say(engine, m)) if resume else None
     view_names = [name for name, _ in views]
     if ckpt is not None:
         if ckpt.get("views", [""]) != view_names:
             raise ValueError(f"{ckpt['_path']} was written with {len(ckpt.get('views', ['']))} optimizer step(s) per "
                              f"batch ({ckpt.get('views')}), this run takes {len(view_names)} ({view_names}): "
                              f"restore the setting that changed (vpns.dual_step, finetune.prompt) or use resume=never")
-        engine.load_state_dict(ckpt["engine"])
         epoch, batch, step, elapsed = ckpt["epoch"], ckpt["batch"], ckpt["step"], ckpt["elapsed"]
         history = ckpt["history"]
         torch.set_rng_state(ckpt["rng"])
@@ -133,15 +153,14 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
         log.truncate_after(0)
     session_start = time.time()
 
-    def save(next_epoch: int, next_batch: int, epoch_meters: torch.Tensor) -> None:
+    def save(next_epoch: int, next_batch: int, epoch_meters: torch.Tensor) -> Path:
         summed = engine.all_reduce_sum(epoch_meters.clone())  # collective: every rank calls save
-        if engine.is_main:
-            store.save({"engine": engine.state_dict(), "epoch": next_epoch, "batch": next_batch, "step": step,
-                        "meters": summed.cpu(), "history": history, "rng": torch.get_rng_state(),
-                        "elapsed": elapsed + time.time() - session_start, "world_size": engine.world_size,
-                        "views": view_names},
-                       step)
-        engine.barrier()
+        return engine.save_checkpoint(
+            checkpoints, {"epoch": next_epoch, "batch": next_batch, "step": step, "meters": summed.cpu(),
+                          "history": history, "rng": torch.get_rng_state(),
+                          "elapsed": elapsed + time.time() - session_start, "world_size": engine.world_size,
+                          "views": view_names},
+            step, keep=checkpoint_cfg.keep)
 
     interactive = sys.stderr.isatty()
     for epoch in range(epoch, schedule.epochs):
@@ -152,17 +171,23 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
                    mininterval=1 if interactive else 30, dynamic_ncols=True, leave=False)
         for batch, (images, labels, _) in enumerate(bar, start=start_batch):
             losses = []
+            chunks = engine.split(images, labels)
             for view_index, (_, view) in enumerate(views):
-                with view(), engine.autocast():
-                    out, extra = split_output(engine.module(images))
-                    loss = loss_fn(out.float(), labels)
-                    if extra is not None:
-                        loss = loss + extra.float()
-                engine.backward(loss)
-                engine.step(schedule.grad_clip)
-                losses.append(loss.detach().double() * len(labels))
+                loss_sum, outs = 0.0, []
+                for i, (x, y) in enumerate(chunks):  # gradient accumulation: one optimizer step per view
+                    with engine.micro_step(last=i + 1 == len(chunks)):
+                        with view(), engine.autocast():
+                            out, extra = split_output(engine.module(x))
+                            loss = loss_fn(out.float(), y)
+                            if extra is not None:
+                                loss = loss + extra.float()
+                        engine.backward(loss)
+                    engine.step()
+                    loss_sum = loss_sum + loss.detach().double() * len(y)
+                    outs.append(out.detach())
+                losses.append(loss_sum)
                 if view_index == 0:
-                    logits = out.detach()
+                    logits = torch.cat(outs)
             step += 1
             seen += len(labels)
             count = torch.tensor(float(len(labels)), device=engine.device, dtype=torch.float64)
@@ -179,10 +204,10 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
                 # Preemption or time limit: save this exact position on every rank, then let the job requeue.
                 # (On an epoch's last batch the stop waits for the epoch-end checkpoint just below.)
                 STOP.acknowledge()
-                save(epoch, batch + 1, meters)
+                path = save(epoch, batch + 1, meters)
                 bar.close()
                 _say(engine, f"{desc}: checkpointed at epoch {epoch + 1}, batch {batch + 1} (step {step}) for requeue")
-                raise Preempted(step, str(store.last))
+                raise Preempted(step, str(path))
             if checkpoint_cfg.every_steps and step % checkpoint_cfg.every_steps == 0 and not last_batch:
                 save(epoch, batch + 1, meters)
         bar.close()
@@ -203,11 +228,11 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
                      f"{record['images_per_second']:.0f} img/s")
         batch = 0
         meters.zero_()
-        save(epoch + 1, 0, meters)
+        path = save(epoch + 1, 0, meters)
         if epoch + 1 < schedule.epochs and stop_agreed(engine):
             STOP.acknowledge()
             _say(engine, f"{desc}: checkpointed after epoch {epoch + 1} (step {step}) for requeue")
-            raise Preempted(step, str(store.last))
+            raise Preempted(step, str(path))
 
     result.history = history
     result.final = evaluate(engine, engine.raw, val_loader, loss_fn) if not history else {

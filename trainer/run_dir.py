@@ -30,8 +30,10 @@ class RunDir:
     def newest_checkpoint(self, stage: str) -> Path | None:
         """The checkpoint the stage would resume from (None: it starts afresh)."""
         from .checkpoint import CheckpointStore  # torch: only where checkpoints are looked at
+        from .engines.ds_checkpoint import complete_tags
 
-        return CheckpointStore(self.stage(stage) / "checkpoints").newest()
+        directory = self.stage(stage) / "checkpoints"
+        return CheckpointStore(directory).newest() or next(iter(complete_tags(directory)), None)
 
     def finished_note(self, stages: list[str], outcome: str) -> str:
         """What a relaunch of a finished run says instead of doing anything."""

@@ -72,6 +72,10 @@ class EngineConfig:
     channels_last: Optional[bool] = _f(None, "channels_last memory format; null: on GPU only")
     sync_bn: bool = _f(False, "convert BatchNorm to SyncBatchNorm when several processes train")
     device: str = _f("auto", "auto, cpu or cuda")
+    grad_accum_steps: int = _f(1, "split each process's batch into this many micro-batches, one optimizer step per batch")
+    zero_stage: int = _f(2, "engine=deepspeed: ZeRO stage 1 (optimizer state), 2 (+ gradients) or 3 (+ parameters)")
+    config: Dict[str, Any] = _f({}, "engine=deepspeed: further DeepSpeed config keys, merged over the generated ones, "
+                                    "e.g. engine.config.zero_optimization.offload_optimizer.device=cpu")
 
 
 @dataclass
@@ -216,6 +220,8 @@ CHOICES = {
     "engine.backend": ("auto", "gloo", "nccl"),
     "engine.precision": ("auto", "bf16", "fp32"),
     "engine.device": ("auto", "cpu", "cuda"),
+    "engine.name": ("ddp", "deepspeed"),
+    "engine.zero_stage": (1, 2, 3),
     "data.write_mode": ("raw", "jpg", "smart", "proportion"),
     "prompt.variant": PROMPT_VARIANTS,
     "prompt.headline": ("prompt", "no_prompt"),

@@ -26,8 +26,10 @@ def _require(ok: bool, message: str) -> None:
 def validate_config(cfg: DictConfig) -> None:
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
-        _require(value in allowed, f"{key}={value} is not allowed; choose from: {', '.join(allowed)}")
+        _require(value in allowed, f"{key}={value} is not allowed; choose from: {', '.join(map(str, allowed))}")
 
+    _require(cfg.engine.grad_accum_steps >= 1,
+             f"engine.grad_accum_steps={cfg.engine.grad_accum_steps}: must be at least 1")
     d = cfg.data
     _require(d.res >= 16, f"data.res={d.res}: must be at least 16")
     _require(d.batch_size >= 1, f"data.batch_size={d.batch_size}: must be at least 1")

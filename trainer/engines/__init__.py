@@ -5,11 +5,14 @@ from ..distributed import DistEnv
 from .base import Engine
 from .ddp import DDPEngine
 
-ENGINES = {"ddp": DDPEngine}
+ENGINES = ("ddp", "deepspeed")
 
 
 def make_engine(cfg: DictConfig, env: DistEnv) -> Engine:
-    return ENGINES[cfg.name](cfg, env)
+    if cfg.name == "deepspeed":
+        from .deepspeed import DeepSpeedEngine  # imports DeepSpeed: only when chosen
+        return DeepSpeedEngine(cfg, env)
+    return DDPEngine(cfg, env)
 
 
 __all__ = ["Engine", "DDPEngine", "make_engine"]

@@ -2,14 +2,20 @@
 
 An engine owns the process group, wraps the one module with its optimizer
 and schedule, runs backward and the optimizer step, exposes its state for
-checkpoints, and reduces metrics. DDP implements it now; DeepSpeed plugs in
-behind the same methods.
+checkpoints, and reduces metrics. DDP (`ddp.py`) and DeepSpeed ZeRO
+(`deepspeed.py`) implement it.
+
+Gradient accumulation lives here too: the loop splits each batch into
+`micro_batches` chunks, runs forward and `backward` on each inside
+`micro_step(last)`, and calls `step` after every chunk; the engine only
+updates the weights after the last one.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
 from abc import ABC, abstractmethod
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -37,6 +43,8 @@ class Engine(ABC):
         self.optimizer = None
         self.scheduler = None
         self._control_group = None
+        self.micro_batches = int(cfg.get("grad_accum_steps", 1))
+        self._micro = 0
         if self.world_size > 1 and not dist.is_initialized():
             self._init_process_group()
 
@@ -66,6 +74,12 @@ class Engine(ABC):
         """Sum over processes (in place; returned for convenience)."""
         if self.world_size > 1:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Maximum over processes of a small CPU tensor (in place), over the CPU control group."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self._control_group)
         return tensor
 
     def any_rank(self, flag: bool) -> bool:
@@ -101,12 +115,32 @@ class Engine(ABC):
         return model
 
     @abstractmethod
-    def wrap(self, model: torch.nn.Module, optimizer, scheduler, find_unused_parameters: bool = False) -> None:
-        """Take ownership of the (prepared) module, its optimizer and its per-step schedule.
+    def wrap(self, model: torch.nn.Module, optimizer, scheduler, *, batch_size: int, grad_clip: float = 0.0,
+             find_unused_parameters: bool = False) -> None:
+        """Take ownership of the (prepared) module, its optimizer, its per-step schedule and clipping.
 
+        `batch_size`: images per process per optimizer step (split into `micro_batches` chunks).
         `find_unused_parameters`: some steps leave trainable parameters out of the forward; their
         gradient must then stay unset (not zero) so that the optimizer skips them.
         """
+
+    def split(self, *tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """The micro-batches of one batch (equal chunks; `wrap` checked the batch divides)."""
+        return list(zip(*(t.chunk(self.micro_batches) for t in tensors)))
+
+    def micro_step(self, last: bool):
+        """Context for one micro-batch's forward and backward (DDP skips its all-reduce until the last)."""
+        return contextlib.nullcontext()
+
+    def _check_batch(self, batch_size: int) -> None:
+        if self.micro_batches < 1 or batch_size % self.micro_batches:
+            raise ValueError(f"engine.grad_accum_steps={self.micro_batches} must divide the {batch_size} images "
+                             f"each process gets per step (data.batch_size / processes)")
+
+    @property
+    def forward_has_collectives(self) -> bool:
+        """True when every forward of the plain module talks to the other processes (ZeRO-3's gathers)."""
+        return False
 
     def unwrap(self) -> None:
         """Drop the wrapped module, optimizer and schedule (and the memory they hold) after training."""
@@ -116,12 +150,17 @@ class Engine(ABC):
     def backward(self, loss: torch.Tensor) -> None: ...
 
     @abstractmethod
-    def step(self, grad_clip: float = 0.0) -> None:
-        """Optimizer step, schedule step, gradients cleared."""
+    def step(self) -> None:
+        """After every micro-batch; on the last: clip, optimizer step, schedule step, gradients cleared."""
+
+    # checkpoints -----------------------------------------------------------
+    @abstractmethod
+    def save_checkpoint(self, directory: Path, loop_state: dict, step: int, keep: int) -> Path:
+        """Save the wrapped state and `loop_state` under `directory` (a collective: every rank calls it).
+
+        A torn write never replaces the newest good checkpoint. Returns the checkpoint's path.
+        """
 
     @abstractmethod
-    def state_dict(self) -> dict:
-        """Model, optimizer and schedule state, independent of the number of processes."""
-
-    @abstractmethod
-    def load_state_dict(self, state: dict) -> None: ...
+    def load_checkpoint(self, directory: Path, log) -> dict | None:
+        """Restore the newest readable checkpoint in `directory`; its `loop_state` (plus `_path`), or None."""
