@@ -44,7 +44,6 @@ class Engine(ABC):
         self.scheduler = None
         self._control_group = None
         self.micro_batches = int(cfg.get("grad_accum_steps", 1))
-        self._micro = 0
         if self.world_size > 1 and not dist.is_initialized():
             self._init_process_group()
 

@@ -137,9 +137,6 @@ class DeepSpeedEngine(Engine):
             self._ds = None
         super().unwrap()
 
-    def state_dict(self) -> dict:
-        raise NotImplementedError("DeepSpeed state is sharded: use save_checkpoint, or unwrap for the plain module")
-
     # checkpoints -----------------------------------------------------------
     def save_checkpoint(self, directory: Path, loop_state: dict, step: int, keep: int) -> Path:
         return ds_checkpoint.save(self, Path(directory), loop_state, step, keep)
