@@ -6,7 +6,8 @@ Reads the config and checks it completely before any work, then:
   cluster=slurm   submits them as SLURM jobs through submitit (slurm/submit.py);
   cluster=debug   runs those same job objects in this process.
 `-m` sweeps: every combination of the comma-separated values (slurm/sweep.py).
-`stage=status|cancel run=<run or sweep>` reports on or cancels submitted jobs.
+`stage=status|cancel run=<run or sweep>` reports on or cancels submitted jobs;
+`stage=report run=<run or sweep>` writes <run or sweep>/report/report.md and its plots.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ SWEEP_FLAGS = ("-m", "--multirun")
 
 
 def _job_command(tokens: list[str]) -> tuple[str, str, str] | None:
-    """(command, runs_dir, name) for stage=status|cancel; these read a run, they do not compose one."""
+    """(command, runs_dir, name) for stage=status|cancel|report; these read a run, they do not compose one."""
     from trainer.config.load import parse_overrides
     from trainer.config.schema import JOB_COMMANDS, RootConfig
 
@@ -43,9 +44,11 @@ def _user_errors() -> tuple:
     from slurm.submit import SubmitError
     from trainer.data import DataError
     from trainer.models import ModelError
+    from trainer.report import ReportError
     from trainer.stages import StageNotImplemented
 
-    return (StageNotImplemented, DataError, ModelError, FileNotFoundError, ValueError, SubmitError, StatusError)
+    return (StageNotImplemented, DataError, ModelError, FileNotFoundError, ValueError, SubmitError, StatusError,
+            ReportError)
 
 
 def main(argv: list[str]) -> int:
@@ -61,8 +64,11 @@ def main(argv: list[str]) -> int:
     try:
         command = _job_command(tokens)
         if command:
-            from slurm.status import cancel, show_status
             what, runs_dir, name = command
+            if what == "report":
+                from trainer.report import report_command
+                return report_command(runs_dir, name)
+            from slurm.status import cancel, show_status
             return (show_status if what == "status" else cancel)(runs_dir, name)
         if sweep:
             return _sweep(tokens)
@@ -94,18 +100,24 @@ def _sweep(tokens: list[str]) -> int:
     from slurm.submit import submit_sweep
     from slurm.sweep import expand, write_sweep_file
 
-    root, base, points, listing = expand(tokens)
+    root, base, points, listing, shared = expand(tokens)
     if base.print_config:
-        print("\n".join(f"{p['run']}: {p['overrides']}" for p in listing))
+        print("\n".join([f"{d.run}: shared dense run" for d in shared]
+                        + [f"{p['run']}: {p['overrides']}" + (f" (prunes {p['dense_run']})" if p.get("dense_run") else "")
+                           for p in listing]))
         return 0
-    write_sweep_file(root, base, listing, tokens)
-    print(f"sweep '{root.name}': {len(points)} points in {root}")
+    write_sweep_file(root, base, listing, tokens, shared)
+    print(f"sweep '{root.name}': {len(points)} points in {root}"
+          + (f", pruning {len(shared)} shared dense run(s): {', '.join(d.run for d in shared)}" if shared else ""))
     if base.cluster.name == "local":
+        for cfg in shared:
+            print(f"== shared dense run: {cfg.run}", flush=True)
+            _run_here(cfg)
         for i, cfg in enumerate(points, 1):
             print(f"== point {i}/{len(points)}: {cfg.run}", flush=True)
             _run_here(cfg)
     else:
-        submit_sweep(points, root, base)
+        submit_sweep(points, root, base, shared=shared)
         print(f"follow with: python slurm/launch.py stage=status run={root.name}")
     return 0
 

@@ -19,7 +19,6 @@ from trainer.run_dir import write_json
 
 JOBS_FILE = "jobs.jsonl"
 STATE_FILE = "job.json"
-SWEEP_FILE = "sweep.json"
 SUBMITIT_DIR = "submitit"
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from trainer.run_dir import RunDir
+from trainer.run_dir import SWEEP_FILE, RunDir
 from trainer.stages.runner import plan
 
-from .records import SWEEP_FILE, latest_jobs, read_state, write_state
+from .records import latest_jobs, read_state, write_state
 from .submit import LIVE_STATES, queue_states
 
 
@@ -134,8 +134,10 @@ def show_status(runs_dir: str, name: str, say=print) -> int:
     if (root / SWEEP_FILE).exists():
         sweep = json.loads((root / SWEEP_FILE).read_text())
         counts: dict[str, int] = {}
-        say(f"sweep '{sweep['name']}' ({len(sweep['points'])} points, {root})")
-        for point in sweep["points"]:
+        shared = sweep.get("shared", [])
+        say(f"sweep '{sweep['name']}' ({len(sweep['points'])} points"
+            f"{f', sharing {len(shared)} dense run(s)' if shared else ''}, {root})")
+        for point in shared + sweep["points"]:
             point_root = root / point["run"]
             rows = run_status(point_root, queue) if (point_root / "config.yaml").exists() else []
             overall = _overall(rows)
@@ -154,8 +156,11 @@ def show_status(runs_dir: str, name: str, say=print) -> int:
 def cancel(runs_dir: str, name: str, say=print) -> int:
     """scancel every queued or running job of the run (or of each point of the sweep)."""
     root = _resolve(runs_dir, name)
-    roots = ([root / p["run"] for p in json.loads((root / SWEEP_FILE).read_text())["points"]]
-             if (root / SWEEP_FILE).exists() else [root])
+    if (root / SWEEP_FILE).exists():
+        sweep = json.loads((root / SWEEP_FILE).read_text())
+        roots = [root / p["run"] for p in sweep.get("shared", []) + sweep["points"]]
+    else:
+        roots = [root]
     queue = queue_states()
     cancelled = []
     for run_root in roots:

@@ -166,13 +166,30 @@ def _resume_note(run: RunDir, stage: str) -> str:
     return f" (resumes from {newest})" if newest else ""
 
 
-def submit_sweep(points: list[DictConfig], sweep_root: Path, base: DictConfig, say=print) -> dict[str, list]:
+def submit_shared_dense(shared: list[DictConfig], queue: dict, say=print) -> list[str]:
+    """Submit the sweep's shared dense runs; returns the job ids the points must wait for (afterok)."""
+    waits = []
+    for cfg in shared:
+        run = RunDir(cfg.runs_dir, cfg.run)
+        live = live_jobs(run.root, queue) if queue else {}
+        if "dense" in live:
+            say(f"{cfg.run}: dense job {live['dense'][0]} ({live['dense'][1]}) already queued; the points wait for it")
+            waits.append(live["dense"][0])
+            continue
+        waits += [str(job.job_id) for job in submit_run(cfg, say=say)]
+    return waits
+
+
+def submit_sweep(points: list[DictConfig], sweep_root: Path, base: DictConfig, say=print,
+                 shared: list[DictConfig] = ()) -> dict[str, list]:
     """Submit every point's pending stages, one job array per stage, chained task by task.
 
+    The shared dense runs go first, as jobs of their own; every point's first job waits for them.
     Points whose plans differ (say, some start from given weights) form separate chains. Returns
     point run name -> its submitted job ids.
     """
     queue = queue_states() if base.cluster.name == "slurm" else {}
+    dense_jobs = submit_shared_dense(list(shared), queue, say)
     chains: dict[tuple, list[DictConfig]] = {}
     for cfg in points:
         run = RunDir(cfg.runs_dir, cfg.run)
@@ -192,16 +209,20 @@ def submit_sweep(points: list[DictConfig], sweep_root: Path, base: DictConfig, s
     for groups, cfgs in chains.items():
         previous = None
         for stages in groups:
-            dependency = f"aftercorr:{previous}" if previous else None
+            # The first array waits for the shared dense runs (a whole-array afterok: every task prunes them).
+            dependency = (f"aftercorr:{previous}" if previous
+                          else f"afterok:{':'.join(dense_jobs)}" if dense_jobs else None)
             jobs = _submit(executor, base, f"{prefix}:{stages[0]}", [StageJob(c, list(stages)) for c in cfgs],
                            dependency)
             array = str(jobs[0].job_id).split("_")[0]
             for cfg, job in zip(cfgs, jobs):
                 append_job(Path(cfg.runs_dir).expanduser() / cfg.run, job_id=str(job.job_id), stages=list(stages),
-                           array=array, depends_on=previous, cluster=base.cluster.name)
+                           array=array, depends_on=previous or ":".join(dense_jobs) or None,
+                           cluster=base.cluster.name)
                 ids.setdefault(cfg.run, []).append(str(job.job_id))
-            say(f"{'+'.join(stages)}: array {array} of {len(jobs)} task(s)"
-                f"{f' after {previous} task by task' if previous else ''}  logs {folder}")
+            after = (f" after {previous} task by task" if previous
+                     else f" after dense job(s) {', '.join(dense_jobs)}" if dense_jobs else "")
+            say(f"{'+'.join(stages)}: array {array} of {len(jobs)} task(s){after}  logs {folder}")
             if base.cluster.name == "debug":
                 for job in jobs:
                     job.result()

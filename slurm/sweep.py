@@ -7,6 +7,12 @@ The sweep's name is derived from the command (or given with run=), so the
 same command finds the same sweep again and resumes its unfinished points.
 runs/<sweep>/sweep.json lists the points; `stage=status run=<sweep>` shows
 their state.
+
+Points that differ only in what pruning does (method, budget, search and
+finetune settings) would each train the same dense network: with stage=all
+they share one instead, trained once as runs/<sweep>/dense/ (one per distinct
+model/data/dense setting when those are swept too) and named by each point's
+`dense_run`.
 """
 from __future__ import annotations
 
@@ -16,15 +22,17 @@ import json
 import re
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from trainer.config import ConfigError, load_config, validate_config
 from trainer.config.load import RUNTIME_KEYS, RUNTIME_SECTIONS, parse_overrides
-from trainer.run_dir import timestamped, write_json
+from trainer.run_dir import SWEEP_FILE, timestamped, write_json
 
-from .records import SWEEP_FILE, now
+from .records import now
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+# What the dense stage depends on: points equal in these can prune one shared dense network.
+DENSE_SECTIONS = ("model", "data", "dense", "seed", "engine")
 
 
 def split_axes(tokens: list[str]) -> tuple[list[str], list[tuple[str, list[str]]]]:
@@ -56,8 +64,41 @@ def default_sweep_name(fixed: list[str], axes: list[tuple[str, list[str]]]) -> s
     return "sweep-" + "-".join(key.split(".")[-1] for key, _ in axes) + f"-{digest}"
 
 
-def expand(tokens: list[str]) -> tuple[Path, DictConfig, list[DictConfig], list[dict]]:
-    """(sweep directory, base config, one checked config per point, the point list for sweep.json)."""
+def _dense_setting(cfg: DictConfig) -> str:
+    return json.dumps(OmegaConf.to_container(OmegaConf.masked_copy(cfg, list(DENSE_SECTIONS)), resolve=True),
+                      sort_keys=True)
+
+
+def share_dense(root: Path, fixed: list[str], configs: list[DictConfig], listing: list[dict]) -> list[DictConfig]:
+    """Point the stage=all pruning points at shared dense runs (set their `dense_run`); returns those runs' configs.
+
+    Points given model.weights or their own dense_run, and method=dense points, keep their plan.
+    """
+    shared: dict[str, DictConfig] = {}
+    for cfg, point in zip(configs, listing):
+        own_source = cfg.dense_run and not str(cfg.dense_run).startswith(f"{root}/")  # a resumed point keeps ours
+        weights = str(cfg.model.weights or "").strip().lower() not in ("", "none")  # models.has_weights, torch-free
+        if cfg.stage != "all" or cfg.method.name == "dense" or weights or own_source:
+            continue
+        setting = _dense_setting(cfg)
+        if setting not in shared:
+            swept = [(k, v) for k, v in point["overrides"].items() if k.split(".")[0] in DENSE_SECTIONS]
+            name = "dense" + (f"_{point_name(swept)}" if swept else "")
+            tokens = fixed + [f"{k}={v}" for k, v in swept] + [f"runs_dir={root}", f"run={name}", "stage=dense",
+                                                               "method=dense"]
+            dense = load_config(tokens)
+            validate_config(dense)
+            if _dense_setting(dense) != setting:  # a method's own defaults touched the dense stage: train per point
+                continue
+            shared[setting] = dense
+        cfg.dense_run = str(root / shared[setting].run)
+        point["dense_run"] = shared[setting].run
+    return list(shared.values())
+
+
+def expand(tokens: list[str]) -> tuple[Path, DictConfig, list[DictConfig], list[dict], list[DictConfig]]:
+    """(sweep directory, base config, one checked config per point, the point list for sweep.json,
+    the shared dense runs' configs)."""
     fixed, axes = split_axes(tokens)
     base = load_config(fixed)  # runs_dir, stage, cluster and the sweep's name come from here
     validate_config(base)
@@ -78,14 +119,17 @@ def expand(tokens: list[str]) -> tuple[Path, DictConfig, list[DictConfig], list[
             raise ConfigError(f"sweep point {name}: {e}") from None
         configs.append(cfg)
         listing.append({"run": name, "overrides": dict(assignment)})
-    return root, base, configs, listing
+    shared = share_dense(root, without_run, configs, listing)
+    return root, base, configs, listing, shared
 
 
-def write_sweep_file(root: Path, base: DictConfig, axes_listing: list[dict], tokens: list[str]) -> None:
+def write_sweep_file(root: Path, base: DictConfig, axes_listing: list[dict], tokens: list[str],
+                     shared: list[DictConfig] = ()) -> None:
     root.mkdir(parents=True, exist_ok=True)
     path = root / SWEEP_FILE
     created = now()
     if path.exists():
         created = json.loads(path.read_text()).get("created", created)
     write_json(path, {"name": root.name, "created": created, "updated": now(), "command": tokens,
-                      "stage": base.stage, "cluster": base.cluster.name, "points": axes_listing})
+                      "stage": base.stage, "cluster": base.cluster.name,
+                      "shared": [{"run": d.run, "stage": "dense"} for d in shared], "points": axes_listing})

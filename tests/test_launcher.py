@@ -13,7 +13,7 @@ import pytest
 
 from conftest import LAUNCH, REPO, TINY, child_env, copy_dense, launch, read_json, train_dense
 from slurm.submit import job_groups
-from slurm.sweep import point_name, split_axes
+from slurm.sweep import expand, point_name, split_axes
 from trainer.config import ConfigError, load_config
 
 SEARCH = ["search.epochs=2", "search.lr=0.01", "pass.prompt_lr=0.01", "log.every_steps=1"]
@@ -29,6 +29,23 @@ def test_sweep_axes_are_the_comma_separated_values():
     assert axes == [("method", ["pass", "l1"]), ("pruning.flops_ratio", ["0.3", "0.5"])]
     assert point_name([("method", "pass"), ("pruning.flops_ratio", "0.3")]) == "method-pass_flops_ratio-0.3"
     assert point_name([("model.weights", "/w/a b.pt")]) == "weights--w-a-b.pt"
+
+
+@pytest.mark.parametrize("tokens, shared", [
+    (["method=pass,l1", "pruning.flops_ratio=0.3,0.5"], {"dense": 4}),  # what pruning does: one dense network
+    (["model=resnet18,vit_tiny", "method=pass,vpns"], {"dense_model-resnet18": 2, "dense_model-vit_tiny": 2}),
+    (["method=pass,dense"], {"dense": 1}),  # a method=dense point is a dense run itself
+    (["method=pass,l1", "model.weights=IMAGENET1K_V1"], {}),  # given weights: no dense stage at all
+    (["method=pass,l1", "stage=search"], {}),  # only stage=all plans a dense stage
+])
+def test_stage_all_sweep_points_share_a_dense_run_per_dense_setting(tmp_path, tokens, shared):
+    root, _, points, listing, dense = expand([*tokens, f"runs_dir={tmp_path}", "run=sw"])
+    assert {d.run: d.stage for d in dense} == {name: "dense" for name in shared}
+    for name, count in shared.items():
+        users = [p for p in points if p.dense_run == str(root / name)]
+        assert len(users) == count and all(p.stage == "all" for p in users)
+        assert [p.get("dense_run") for p in listing].count(name) == count
+    assert all(d.method.name == "dense" and d.runs_dir == str(root) for d in dense)
 
 
 @pytest.mark.parametrize("tokens, message", [

@@ -4,6 +4,7 @@ watches the run directory the jobs write, the way a user would."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -212,6 +213,26 @@ def test_sweep_of_four_points_is_one_array(slurm_cluster, dense_run, tmp_path, b
     assert all(abs(flops[n] - float(n.rsplit("-", 1)[1])) < 0.05 for n in names), flops
     status = _status(slurm_cluster, runs, "sw")
     assert "4 done" in status, status
+
+
+def test_stage_all_sweep_waits_for_its_shared_dense_job_and_ends_with_a_report(slurm_cluster, tmp_path, beton_dir):
+    """A stage=all sweep submits one dense job; the points' first array waits for it (afterok), and the
+    last point to finish writes the sweep's report."""
+    runs = tmp_path / "runs"
+    args = ["-m", "method=l1", "pruning.flops_ratio=0.3,0.6", "run=sw", f"runs_dir={runs}",
+            f"data.beton_dir={beton_dir}", *TINY, "dense.epochs=1", "finetune.epochs=1"]
+    out = _submit(slurm_cluster, args)
+    dense_job = re.search(r"^dense: job (\d+)", out.stdout, re.M).group(1)
+    assert f"of 2 task(s) after dense job(s) {dense_job}" in out.stdout, out.stdout
+    names = ["flops_ratio-0.3", "flops_ratio-0.6"]
+    assert [j["depends_on"] for n in names for j in _jobs(runs / "sw" / n)[:1]] == [dense_job, dense_job]
+    report = runs / "sw/report/report.md"
+    for name in names:
+        _wait(slurm_cluster, _done(runs / "sw" / name, "eval"), f"point {name}", runs / "sw" / name)
+    _wait(slurm_cluster, lambda: report.exists() and report.read_text().count("| flops_ratio-") == 2,
+          "the sweep report with both points", runs / "sw" / names[-1], timeout=60)
+    assert not (runs / "sw" / names[0] / "dense").exists()
+    assert (runs / "sw/dense/dense/result/model.pt").exists() and (runs / "sw/report/accuracy_vs_flops.png").exists()
 
 
 def test_two_tasks_under_srun_match_a_two_process_local_run(slurm_cluster, dense_run, tmp_path, beton_dir):

@@ -103,11 +103,12 @@ def _say(engine: Engine, msg: str) -> None:
 def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig, train_loader,
         val_loader, stage_dir: Path, checkpoint_cfg: DictConfig, log_cfg: DictConfig,
         loss_fn: Callable, resume: bool, desc: str,
-        views: list[tuple[str, Callable]] | None = None) -> FitResult:
+        views: list[tuple[str, Callable]] | None = None, tensorboard: bool = False) -> FitResult:
     """Train `params` of `model` for `schedule.epochs`, resuming from the stage's checkpoints if any.
 
     `views`: (name, context factory) pairs; every batch takes one optimizer step
     per view. The first view's loss and accuracy are the epoch's headline.
+    `tensorboard`: also log to <stage_dir>/tensorboard/ (logger=tensorboard).
     """
     views = views or [("", contextlib.nullcontext)]
     steps_per_epoch = len(train_loader)
@@ -121,7 +122,8 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
                 batch_size=train_loader.batch_size, grad_clip=schedule.grad_clip,
                 find_unused_parameters=len(views) > 1)
     checkpoints = stage_dir / "checkpoints"
-    log = MetricsLog(stage_dir / "metrics.jsonl", enabled=engine.is_main)
+    log = MetricsLog(stage_dir / "metrics.jsonl", enabled=engine.is_main,
+                     tensorboard_dir=stage_dir / "tensorboard" if tensorboard else None)
 
     epoch, batch, step, elapsed = 0, 0, 0, 0.0
     # loss sum, correct, count (first view), then the loss sum of every further view
@@ -240,5 +242,6 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
     speeds = [h["images_per_second"] for h in history]
     result.images_per_second = statistics.median(speeds) if speeds else 0.0
     result.wall_seconds = elapsed + time.time() - session_start
+    log.close()
     engine.unwrap()  # the caller keeps its module; optimizer state and wrappers are freed before the next stage
     return result

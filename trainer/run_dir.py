@@ -4,6 +4,8 @@
     runs/<run>/<stage>/checkpoints/       last.pt and a few older ones
     runs/<run>/<stage>/metrics.jsonl      one record per logged step / epoch
     runs/<run>/<stage>/result/            the stage's product; its existence means "done"
+    runs/<run>/report/                    report.md and its plots (stage=report; the end of stage=all)
+    runs/<sweep>/sweep.json               a sweep: its points (runs/<sweep>/<point>/) and shared dense runs
 """
 from __future__ import annotations
 
@@ -14,6 +16,9 @@ import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+
+SWEEP_FILE = "sweep.json"
 
 
 class RunDir:

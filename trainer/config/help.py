@@ -17,6 +17,7 @@ group=option picks configs/<group>/<option>.yaml. Examples:
   python slurm/launch.py stage=all cluster=slurm cluster.partition=gpu   # one SLURM job per stage, chained
   python slurm/launch.py -m method=pass,l1 pruning.flops_ratio=0.3,0.5   # a sweep: every combination
   python slurm/launch.py stage=status run=<run or sweep>   # stage=cancel run=... cancels its jobs
+  python slurm/launch.py stage=report run=<run or sweep>   # report.md + plots (also written after stage=all)
 Flags: --help (this text), -m (sweep).  Outputs go to <runs_dir>/<run>/<stage>/; see docs/cluster.md.
 """
 

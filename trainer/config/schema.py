@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 GROUPS = ("model", "data", "method", "engine", "cluster")
 STAGES = ("dense", "search", "finetune", "eval", "all")
 # Launcher commands that act on submitted jobs instead of training (stage=status run=<run or sweep>).
-JOB_COMMANDS = ("status", "cancel")
+JOB_COMMANDS = ("status", "cancel", "report")
 CLUSTERS = ("local", "slurm", "debug")
 
 
@@ -187,12 +187,17 @@ class LogConfig:
 
 @dataclass
 class RootConfig:
-    stage: str = _f("all", "dense | search | finetune | eval | all; status | cancel act on a run's or sweep's jobs")
+    stage: str = _f("all", "dense | search | finetune | eval | all; status | cancel act on a run's or sweep's jobs; "
+                           "report writes <run or sweep>/report/report.md and its plots")
     run: Optional[str] = _f(None, "run name: runs/<run>/ (default: derived from the groups and overrides)")
     runs_dir: str = _f("runs", "parent directory of run directories")
     seed: int = _f(0, "seed for initialisation, data order and augmentation")
     resume: str = _f("auto", "auto: continue from the last good checkpoint; never: start a fresh run named <run>-<timestamp>")
     print_config: bool = _f(False, "print the resolved config and exit")
+    dense_run: Optional[str] = _f(None, "prune the dense network trained by this other run (its directory, or a run "
+                                        "name under runs_dir) instead of training one; a sweep sets it to its shared "
+                                        "dense run")
+    logger: str = _f("jsonl", "jsonl: metrics.jsonl only; tensorboard: also TensorBoard event files in <stage>/tensorboard/")
     head: str = _f("auto", "unstructured methods, when the dense classifier's size differs from the data's classes: "
                            "map (frequency label mapping), new (fresh trained head); auto: map for torchvision "
                            "weights, new otherwise; keep: require equal sizes")
@@ -217,6 +222,7 @@ CHOICES = {
     "stage": STAGES + JOB_COMMANDS,
     "cluster.name": CLUSTERS,
     "resume": ("auto", "never"),
+    "logger": ("jsonl", "tensorboard"),
     "engine.backend": ("auto", "gloo", "nccl"),
     "engine.precision": ("auto", "bf16", "fp32"),
     "engine.device": ("auto", "cpu", "cuda"),

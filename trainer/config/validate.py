@@ -90,5 +90,7 @@ def validate_config(cfg: DictConfig) -> None:
         looks_like_path = "/" in weights or weights.endswith(_CHECKPOINT_SUFFIXES)
         _require(not looks_like_path or Path(weights).expanduser().is_file(),
                  f"model.weights={weights}: no such file")
+    _require(not (cfg.dense_run and weights and weights.lower() != "none"),
+             f"dense_run={cfg.dense_run} and model.weights={weights}: give one source of the dense network")
     _require(bool(cfg.run) and "/" not in cfg.run and cfg.run not in (".", ".."),
              f"run={cfg.run}: must be a plain directory name")

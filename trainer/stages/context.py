@@ -27,6 +27,11 @@ class StageContext:
         if self.engine.is_main:
             tqdm.write(msg, file=sys.stdout)
 
+    @property
+    def tensorboard(self) -> bool:
+        """logger=tensorboard: the training loop also writes TensorBoard events."""
+        return self.cfg.logger == "tensorboard"
+
     def per_process_batch(self) -> int:
         total, world = self.cfg.data.batch_size, self.engine.world_size
         if total % world:

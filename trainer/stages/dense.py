@@ -22,7 +22,7 @@ def run_dense(ctx: StageContext) -> dict:
     stage_dir = ctx.run.stage("dense")
     result = fit(engine=engine, model=model, params=[p for p in model.parameters() if p.requires_grad],
                  schedule=cfg.dense, train_loader=ctx.train_loader(files), val_loader=ctx.val_loader(files),
-                 stage_dir=stage_dir, checkpoint_cfg=cfg.checkpoint, log_cfg=cfg.log,
+                 stage_dir=stage_dir, checkpoint_cfg=cfg.checkpoint, log_cfg=cfg.log, tensorboard=ctx.tensorboard,
                  loss_fn=ctx.loss_fn(cfg.dense), resume=cfg.resume == "auto", desc="dense")
     summary = {
         "stage": "dense", "method": cfg.method.name, "model": cfg.model.name, "data": cfg.data.name,

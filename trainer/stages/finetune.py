@@ -24,8 +24,8 @@ from ..run_dir import write_json
 from .context import StageContext
 from .product import save_product
 from .search import SEARCH_STATE_FILE
-from .sources import (accuracy_with_and_without_prompt, dense_backbone, finetune_uses_prompt, make_prompt,
-                      search_result)
+from .sources import (accuracy_with_and_without_prompt, dense_backbone, dense_source_run, finetune_uses_prompt,
+                      make_prompt, search_result)
 
 LATENCY_BATCH = 32
 
@@ -61,11 +61,13 @@ def run_finetune(ctx: StageContext) -> dict:
     result = fit(engine=engine, model=model, params=[p for p in model.parameters() if p.requires_grad],
                  schedule=cfg.finetune, train_loader=ctx.train_loader(files), val_loader=val,
                  stage_dir=ctx.run.stage("finetune"), checkpoint_cfg=cfg.checkpoint, log_cfg=cfg.log,
+                 tensorboard=ctx.tensorboard,
                  loss_fn=ctx.loss_fn(cfg.finetune), resume=cfg.resume == "auto", desc="finetune")
 
     with_prompt, no_prompt = accuracy_with_and_without_prompt(engine, model, val, result.final)
     headline = with_prompt if cfg.prompt.headline == "prompt" else no_prompt
-    dense_top1 = (ctx.run.summary("dense")["top1"] if ctx.run.is_done("dense")
+    dense_run = dense_source_run(cfg) or ctx.run
+    dense_top1 = (dense_run.summary("dense")["top1"] if dense_run.is_done("dense")
                   else evaluate(engine, engine.prepare_module(ImageClassifier(dense)), val)["top1"])
     pruned_net = model.backbone
     summary = {

@@ -6,7 +6,7 @@ from omegaconf import DictConfig
 from ..distributed import detect_env
 from ..engines import make_engine
 from ..models import has_weights
-from ..run_dir import RunDir, timestamped
+from ..run_dir import SWEEP_FILE, RunDir, timestamped
 from .context import StageContext, StageNotImplemented
 from .dense import run_dense
 from .evaluate import run_eval
@@ -28,13 +28,27 @@ def stage_function(stage: str, method: str):
 
 
 def plan(cfg: DictConfig) -> list[str]:
-    """The stages `stage=...` stands for. Pruning starts from given weights or from the dense stage."""
+    """The stages `stage=...` stands for. Pruning starts from given weights, another run's dense stage
+    (`dense_run`, a sweep's shared one) or this run's own dense stage."""
     if cfg.stage != "all":
         return [cfg.stage]
     if cfg.method.name == "dense":
         return ["dense", "eval"]
-    pretrained = has_weights(cfg.model.weights)
+    pretrained = has_weights(cfg.model.weights) or bool(cfg.dense_run)
     return ([] if pretrained else ["dense"]) + ["search", "finetune", "eval"]
+
+
+def write_reports(run: RunDir, say) -> None:
+    """The run's report, and its sweep's when it is a sweep point: stage=all ends with them."""
+    from ..report import write_report  # matplotlib: only once there is something to plot
+
+    roots = [run.root] + ([run.root.parent] if (run.root.parent / SWEEP_FILE).exists() else [])
+    for root in roots:
+        try:
+            say(f"report: {write_report(root)}")
+        except Exception as e:  # noqa: BLE001 - a report must never fail a finished training run
+            say(f"report: not written for {root} ({type(e).__name__}: {e}); "
+                f"retry with stage=report run={root.name} runs_dir={root.parent}")
 
 
 def run_stages(cfg: DictConfig, stages: list[str] | None = None) -> dict:
@@ -68,6 +82,8 @@ def run_stages(cfg: DictConfig, stages: list[str] | None = None) -> dict:
                 ctx.say(f"{stage}: top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%  "
                         f"{summary['params'] / 1e6:.2f} M params  {summary['flops'] / 1e6:.1f} M MACs  "
                         f"{summary['images_per_second']:.0f} img/s  {summary['wall_seconds']:.0f} s  -> {run.result(stage)}")
+        if cfg.stage == "all" and stages[-1] == plan(cfg)[-1] and engine.is_main:
+            write_reports(run, ctx.say)
         return summary
     finally:
         engine.close()

@@ -104,7 +104,8 @@ def _search_pass(ctx: StageContext, files, backbone):
     start = net.hard_masks()
     result = fit(engine=engine, model=net, params=params, schedule=cfg.search, train_loader=ctx.train_loader(files),
                  val_loader=ctx.val_loader(files), stage_dir=ctx.run.stage("search"), checkpoint_cfg=cfg.checkpoint,
-                 log_cfg=cfg.log, loss_fn=ctx.loss_fn(cfg.search), resume=cfg.resume == "auto", desc="search")
+                 log_cfg=cfg.log, tensorboard=ctx.tensorboard, loss_fn=ctx.loss_fn(cfg.search),
+                 resume=cfg.resume == "auto", desc="search")
     net.eval()
     with torch.no_grad():
         logits = [l.cpu() for l in net.logits()]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -14,6 +15,7 @@ from ..config.schema import STRUCTURED_METHODS, UNSTRUCTURED_METHODS
 from ..data import DataFiles
 from ..loop import evaluate
 from ..models import build_backbone, has_weights
+from ..run_dir import RunDir
 from .context import StageContext, StageNotImplemented
 from .product import PRODUCT_FILE, load_product
 
@@ -52,20 +54,32 @@ def search_result(ctx: StageContext, needed: str):
 
 
 def dense_backbone(ctx: StageContext, files: DataFiles, stage: str) -> tuple[nn.Module, str]:
-    """The trained dense backbone pruning starts from: model.weights, else this run's dense stage."""
+    """The trained dense backbone pruning starts from: model.weights, else `dense_run`'s or this run's dense stage."""
     cfg = ctx.cfg
     weights = cfg.model.weights
     if has_weights(weights):
         return build_backbone(cfg.model.name, files.num_classes, cfg.data.res, weights), f"model.weights={weights}"
-    directory = ctx.run.result("dense")
+    source = dense_source_run(cfg) or ctx.run
+    directory = source.result("dense")
     if not (directory / PRODUCT_FILE).exists():
         raise FileNotFoundError(f"stage={stage} needs a trained dense network: run stage=dense (or stage=all) "
-                                f"for run '{ctx.run.name}' first, or give model.weights=<torchvision name or file>")
+                                f"for run '{source.name}' ({source.root}) first, or give "
+                                f"model.weights=<torchvision name or file>")
     model, blob = load_product(directory)
     if tuple(blob["classes"]) != tuple(files.classes) or blob["res"] != cfg.data.res:
         raise ValueError(f"the dense network in {directory} was trained on other classes or resolution "
                          f"({len(blob['classes'])} classes, {blob['res']}px)")
     return model.backbone, str(directory / PRODUCT_FILE)
+
+
+def dense_source_run(cfg: DictConfig) -> RunDir | None:
+    """The other run named by `dense_run` (a directory, or a run name under runs_dir), if any."""
+    if not cfg.dense_run:
+        return None
+    path = Path(cfg.dense_run).expanduser()
+    if not path.is_absolute() and "/" not in cfg.dense_run:
+        path = Path(cfg.runs_dir).expanduser() / cfg.dense_run
+    return RunDir(path.parent, path.name)
 
 
 def accuracy_with_and_without_prompt(engine, model, loader, with_prompt: dict | None = None,

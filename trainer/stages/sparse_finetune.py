@@ -73,7 +73,8 @@ def run_sparse_finetune(ctx: StageContext) -> dict:
     val = ctx.val_loader(files)
     result = fit(engine=engine, model=model, params=list(model.parameters()), schedule=cfg.finetune,
                  train_loader=ctx.train_loader(files), val_loader=val, stage_dir=ctx.run.stage("finetune"),
-                 checkpoint_cfg=cfg.checkpoint, log_cfg=cfg.log, loss_fn=ctx.loss_fn(cfg.finetune),
+                 checkpoint_cfg=cfg.checkpoint, log_cfg=cfg.log,
+                 tensorboard=ctx.tensorboard, loss_fn=ctx.loss_fn(cfg.finetune),
                  resume=cfg.resume == "auto", desc="finetune",
                  views=prompt_views(model, cfg.vpns.dual_step) if prompt is not None else None)
     fixed.remove()

@@ -85,7 +85,8 @@ def run_sparse_search(ctx: StageContext) -> dict:
                 f"parameters, {'dual' if prompt is not None and v.dual_step else 'single'} step")
         result = fit(engine=engine, model=model, params=trainable, schedule=cfg.search,
                      train_loader=ctx.train_loader(files), val_loader=val, stage_dir=ctx.run.stage("search"),
-                     checkpoint_cfg=cfg.checkpoint, log_cfg=cfg.log, loss_fn=ctx.loss_fn(cfg.search),
+                     checkpoint_cfg=cfg.checkpoint, log_cfg=cfg.log,
+                     tensorboard=ctx.tensorboard, loss_fn=ctx.loss_fn(cfg.search),
                      resume=cfg.resume == "auto", desc="search",
                      views=prompt_views(model, v.dual_step) if prompt is not None else None)
         masks = scores.remove()

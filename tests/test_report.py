@@ -1,0 +1,118 @@
+"""Reports: a stage=all sweep trains one shared dense network, prunes it per point and ends with report.md
+and its plots; stage=report rebuilds them; TensorBoard logging sits next to metrics.jsonl."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+from PIL import Image
+
+from conftest import TINY, launch, read_json
+
+pytestmark = pytest.mark.slow
+
+POINTS = ["method-pass_flops_ratio-0.3", "method-pass_flops_ratio-0.6",
+          "method-l1_flops_ratio-0.3", "method-l1_flops_ratio-0.6"]
+SHORT = ["dense.epochs=2", "search.epochs=1", "search.lr=0.01", "pass.prompt_lr=0.01", "finetune.epochs=1",
+         "log.every_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, beton_dir):
+    """A 2x2 stage=all sweep (two methods, two FLOPs ratios), logged to TensorBoard too."""
+    runs = tmp_path_factory.mktemp("report") / "runs"
+    args = ["-m", "method=pass,l1", "pruning.flops_ratio=0.3,0.6", "run=sw", f"runs_dir={runs}",
+            f"data.beton_dir={beton_dir}", "logger=tensorboard", *TINY, *SHORT]
+    out = launch(args, timeout=1200)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return runs / "sw", args, out.stdout
+
+
+def _table_rows(report: str) -> list[list[str]]:
+    lines = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| run |")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def test_sweep_points_prune_one_shared_dense_network(sweep):
+    root, args, stdout = sweep
+    assert "pruning 1 shared dense run(s): dense" in stdout and stdout.count("dense epoch 2/2") == 1, stdout[-3000:]
+    assert read_json(root / "sweep.json")["shared"] == [{"run": "dense", "stage": "dense"}]
+    dense_product = root / "dense/dense/result/model.pt"
+    dense_top1 = read_json(root / "dense/dense/result/summary.json")["top1"]
+    for point in POINTS:
+        assert not (root / point / "dense").exists(), f"{point} trained a dense network of its own"
+        search = read_json(root / point / "search/result/summary.json")
+        assert search["dense_source"] == str(dense_product)
+        assert read_json(root / point / "finetune/result/summary.json")["top1_dense"] == dense_top1
+    status = launch(["stage=status", "run=sw", f"runs_dir={root.parent}"])
+    assert "sharing 1 dense run(s)" in status.stdout and "5 done" in status.stdout, status.stdout + status.stderr
+    again = launch(args)
+    assert again.returncode == 0 and again.stdout.count("nothing to do") == 5, again.stdout[-2000:]
+
+
+def test_sweep_ends_with_a_report_of_every_run_and_readable_plots(sweep):
+    root, _, stdout = sweep
+    assert f"report: {root}/report/report.md" in stdout
+    report = (root / "report/report.md").read_text()
+    rows = {row[0]: row for row in _table_rows(report)}
+    assert set(rows) == {"dense", *POINTS}, report
+    dense = read_json(root / "dense/dense/result/summary.json")
+    assert rows["dense"][1] == "dense" and rows["dense"][8] == f"{dense['top1']:.2f}"
+    for point in POINTS:
+        method, ratio = re.match(r"method-(\w+)_flops_ratio-([\d.]+)", point).groups()
+        final = read_json(root / point / "finetune/result/summary.json")
+        evaluated = read_json(root / point / "eval/result/summary.json")
+        row = rows[point]
+        assert row[1] == method and row[4] == f"FLOPs {ratio}"
+        assert row[5] == f"FLOPs {final['flops_ratio_achieved']:.3f}"
+        assert row[6] == f"{final['params'] / 1e6:.2f}"
+        assert row[7] == f"{evaluated['top1_prompt']:.2f}" and row[8] == f"{evaluated['top1_no_prompt']:.2f}"
+        assert row[9] == f"{evaluated['top5']:.2f}"
+        assert row[11] == f"{final['latency']['speedup']:.2f}x"
+        wall = read_json(root / point / "search/result/summary.json")["wall_seconds"] + final["wall_seconds"]
+        assert row[12] == f"{wall / 60:.1f}"
+    # Structured methods only: no density plots.
+    plots = sorted(p.name for p in (root / "report").glob("*.png"))
+    assert plots == ["accuracy_vs_flops.png", "kept_width.png", "training_curves.png"], plots
+    for name in plots:
+        assert f"]({name})" in report
+        with Image.open(root / "report" / name) as image:
+            assert image.format == "PNG" and image.width > 600 and image.height > 400
+    # Each point also has its own report, whose dense baseline is the shared run.
+    own = _table_rows((root / POINTS[0] / "report/report.md").read_text())
+    assert [row[0] for row in own] == ["dense", POINTS[0]]
+
+
+def test_report_stage_rebuilds_it_and_names_an_unreadable_file(sweep, tmp_path):
+    root, _, _ = sweep
+    copy = tmp_path / "runs" / "sw"
+    shutil.copytree(root, copy)
+    shutil.rmtree(copy / "report")
+    out = launch(["stage=report", "run=sw", f"runs_dir={copy.parent}"])
+    assert out.returncode == 0 and "5 run(s)" in out.stdout, out.stdout + out.stderr
+    assert (copy / "report/report.md").exists() and (copy / "report/accuracy_vs_flops.png").exists()
+    broken = copy / POINTS[1] / "finetune/result/summary.json"
+    broken.write_text('{"stage": "fine')
+    out = launch(["stage=report", "run=sw", f"runs_dir={copy.parent}"])
+    assert out.returncode == 2 and out.stderr.startswith(f"error: cannot read {broken}: "), out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    out = launch(["stage=report", "run=nope", f"runs_dir={copy.parent}"])
+    assert out.returncode == 2 and "no run or sweep 'nope'" in out.stderr
+
+
+def test_tensorboard_logs_the_same_scalars_as_metrics_jsonl(sweep):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, _, _ = sweep
+    for stage_dir in (root / "dense/dense", root / POINTS[0] / "search", root / POINTS[0] / "finetune"):
+        records = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+        events = EventAccumulator(str(stage_dir / "tensorboard"))
+        events.Reload()
+        epochs = [r for r in records if r["kind"] == "epoch"]
+        logged = events.Scalars("epoch/val_top1")
+        assert [e.step for e in logged] == [r["step"] for r in epochs]
+        assert [round(e.value, 4) for e in logged] == [round(r["val_top1"], 4) for r in epochs]
+        train = [r for r in records if r["kind"] == "train"]
+        assert len(events.Scalars("train/loss")) == len(train) > 0
