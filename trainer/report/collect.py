@@ -117,7 +117,8 @@ def rows_of_run(root: Path) -> list[Row]:
     rows = []
     if "dense" in summaries:
         d = summaries["dense"]
-        row = Row(run=root.name, kind="dense", method="dense", model=d["model"], data=d["data"], flops_ratio=1.0,
+        name = root.name if method == "dense" else f"{root.name}/dense"  # a pruning run's own dense stage
+        row = Row(run=name, kind="dense", method="dense", model=d["model"], data=d["data"], flops_ratio=1.0,
                   density=1.0, params=d["params"], top1=d["top1"], top1_no_prompt=d["top1"], top5=d["top5"],
                   accuracy_from="dense", wall_seconds=d.get("wall_seconds", 0.0), curves={"dense": curves["dense"]})
         evaluated = summaries.get("eval")
