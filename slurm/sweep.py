@@ -75,8 +75,9 @@ def share_dense(root: Path, fixed: list[str], configs: list[DictConfig], listing
     Points given model.weights or their own dense_run, and method=dense points, keep their plan.
     """
     shared: dict[str, DictConfig] = {}
+    absolute = root.resolve()  # jobs may start elsewhere than the launch directory
     for cfg, point in zip(configs, listing):
-        own_source = cfg.dense_run and not str(cfg.dense_run).startswith(f"{root}/")  # a resumed point keeps ours
+        own_source = cfg.dense_run and not str(cfg.dense_run).startswith(f"{absolute}/")  # a resumed point keeps ours
         weights = str(cfg.model.weights or "").strip().lower() not in ("", "none")  # models.has_weights, torch-free
         if cfg.stage != "all" or cfg.method.name == "dense" or weights or own_source:
             continue
@@ -91,7 +92,7 @@ def share_dense(root: Path, fixed: list[str], configs: list[DictConfig], listing
             if _dense_setting(dense) != setting:  # a method's own defaults touched the dense stage: train per point
                 continue
             shared[setting] = dense
-        cfg.dense_run = str(root / shared[setting].run)
+        cfg.dense_run = str(absolute / shared[setting].run)
         point["dense_run"] = shared[setting].run
     return list(shared.values())
 

@@ -42,7 +42,7 @@ def test_stage_all_sweep_points_share_a_dense_run_per_dense_setting(tmp_path, to
     root, _, points, listing, dense = expand([*tokens, f"runs_dir={tmp_path}", "run=sw"])
     assert {d.run: d.stage for d in dense} == {name: "dense" for name in shared}
     for name, count in shared.items():
-        users = [p for p in points if p.dense_run == str(root / name)]
+        users = [p for p in points if p.dense_run == str(root.resolve() / name)]
         assert len(users) == count and all(p.stage == "all" for p in users)
         assert [p.get("dense_run") for p in listing].count(name) == count
     assert all(d.method.name == "dense" and d.runs_dir == str(root) for d in dense)

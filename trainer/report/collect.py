@@ -101,7 +101,7 @@ def report_runs(root: Path) -> list[Path]:
     dense_run = run_config(root).get("dense_run")
     if dense_run:
         source = Path(dense_run).expanduser()
-        if not source.is_absolute():
+        if "/" not in dense_run:  # a run name under the same runs_dir (stages.sources.dense_source_run)
             source = root.parent / dense_run
         if (source / "config.yaml").exists():
             runs.insert(0, source)
