@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="torch threads (default: all cores; importing FFCV would otherwise leave 1)")
-    parser.add_argument("--out", default="pruned_latency.json")
+    parser.add_argument("--out", default="benchmarks/results/pruned_latency.json")
     args = parser.parse_args()
     dense, blob = load_product(Path(args.dense))
     torch.set_num_threads(args.threads)  # after the imports: FFCV's import sets torch to 1 thread
@@ -68,6 +68,7 @@ def main() -> None:
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.platform(),
               "processor": platform.processor(), "threads": torch.get_num_threads(), "batch": args.batch,
               "repeats": args.repeats, "arch": blob["arch"], "res": res, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
 
