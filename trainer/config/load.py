@@ -24,7 +24,7 @@ from .schema import GROUPS, root_config
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 # Keys that say how to run this invocation, not what the run is: they never
 # come from a stored run config and never change the default run name.
-RUNTIME_KEYS = ("stage", "run", "runs_dir", "resume", "print_config")
+RUNTIME_KEYS = ("stage", "run", "runs_dir", "resume", "print_config", "logger")
 # Likewise where the jobs run: a run started locally may continue on the cluster.
 RUNTIME_SECTIONS = ("cluster",)
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*$")  # sbatch options have hyphens
