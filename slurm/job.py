@@ -60,8 +60,12 @@ class StageJob:
         except Exception as e:
             if main:
                 first = (str(e).strip().splitlines() or [""])[0][:300]
-                write_state(root, self.stages, job_id, "failed", reason=f"{type(e).__name__}: {first}",
-                            log=_stderr_log(env))
+                reason = f"{type(e).__name__}: {first}"
+                if STOP.requested and type(e).__name__ == "UncompletedJobError":
+                    # The signal came outside a training step and submitit, handed it after the grace period,
+                    # refused to requeue: only time limits are counted (cluster.max_timeouts).
+                    reason = self._not_requeued("time limit before a training step", e, "the last checkpoint")
+                write_state(root, self.stages, job_id, "failed", reason=reason, log=_stderr_log(env))
             raise
         finally:
             STOP.disarm()
@@ -113,12 +117,15 @@ class StageJob:
                         step=stop.step, checkpoint=stop.path)
             raise SystemExit(-1)
         except UncompletedJobError as e:  # submitit refuses: too many timeouts
-            cfg = OmegaConf.create(self.cfg_yaml)
             write_state(root, self.stages, job_id, "failed", step=stop.step, checkpoint=stop.path,
-                        reason=f"{cause} at step {stop.step} and not requeued ({e}; cluster.max_timeouts="
-                               f"{cfg.cluster.max_timeouts}); relaunch the same command to resume from "
-                               f"{stop.path}")
+                        reason=self._not_requeued(f"{cause} at step {stop.step}", e, stop.path))
             raise
+
+    def _not_requeued(self, what: str, error: Exception, resume_from) -> str:
+        """The failure reason of a job that submitit would not requeue (its timeouts are spent)."""
+        cfg = OmegaConf.create(self.cfg_yaml)
+        return (f"{what} and not requeued ({error}; cluster.max_timeouts={cfg.cluster.max_timeouts}); "
+                f"relaunch the same command to resume from {resume_from}")
 
 
 def _stderr_log(env) -> str | None:

@@ -33,7 +33,33 @@ def _job_command(tokens: list[str]) -> tuple[str, str, str] | None:
     return given["stage"], given.get("runs_dir", RootConfig.runs_dir), given["run"]
 
 
+def _finished_note(cfg) -> str | None:
+    """What run_stages would say about a local run whose planned stages are all done (None: it has work).
+
+    Decided from the run directory alone, so that relaunching a finished run costs no torch/FFCV import;
+    whenever this is None the runner decides (and keeps its own check for its other callers).
+    """
+    from trainer.plan import plan, pruning_method_problem
+    from trainer.run_dir import RunDir
+
+    if cfg.stage == "eval" or cfg.resume == "never":  # eval always runs; resume=never starts a new run
+        return None
+    stages = plan(cfg)
+    if any(stage in ("search", "finetune") and pruning_method_problem(cfg.method.name, stage) for stage in stages):
+        return None  # the runner raises StageNotImplemented
+    run = RunDir(cfg.runs_dir, cfg.run)
+    if not (run.root / "config.yaml").exists() or not all(run.is_done(stage) for stage in stages):
+        return None  # the runner writes config.yaml / has stages to run
+    return run.finished_note(stages, "nothing to do")
+
+
 def _run_here(cfg) -> None:
+    note = _finished_note(cfg)
+    if note is not None:
+        from trainer.distributed import detect_env  # torch-free; the runner's engine.is_main is the same rank test
+        if detect_env().rank == 0:  # under torchrun or srun, the main process speaks for all
+            print(note, flush=True)
+        return
     from trainer.stages import run_stages
     run_stages(cfg)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from trainer.run_dir import SWEEP_FILE, RunDir
-from trainer.stages.runner import plan
+from trainer.plan import plan
 
 from .records import latest_jobs, read_state, write_state
 from .submit import LIVE_STATES, queue_states

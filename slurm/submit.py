@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from trainer.run_dir import RunDir, timestamped
-from trainer.stages.runner import plan
+from trainer.plan import plan
 
 from .job import StageJob
 from .records import SUBMITIT_DIR, append_job, latest_jobs

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.config import ConfigError, load_config, validate_config
 from trainer.config.load import RUNTIME_KEYS, RUNTIME_SECTIONS, parse_overrides
+from trainer.plan import has_weights
 from trainer.run_dir import SWEEP_FILE, timestamped, write_json
 
 from .records import now
@@ -78,8 +79,7 @@ def share_dense(root: Path, fixed: list[str], configs: list[DictConfig], listing
     absolute = root.resolve()  # jobs may start elsewhere than the launch directory
     for cfg, point in zip(configs, listing):
         own_source = cfg.dense_run and not str(cfg.dense_run).startswith(f"{absolute}/")  # a resumed point keeps ours
-        weights = str(cfg.model.weights or "").strip().lower() not in ("", "none")  # models.has_weights, torch-free
-        if cfg.stage != "all" or cfg.method.name == "dense" or weights or own_source:
+        if cfg.stage != "all" or cfg.method.name == "dense" or has_weights(cfg.model.weights) or own_source:
             continue
         setting = _dense_setting(cfg)
         if setting not in shared:

@@ -1,6 +1,16 @@
-"""Shared helpers: run the real launcher in subprocesses on small, fast settings."""
+"""Shared helpers and the session's shared runs.
+
+Train once, assert many times: the session trains one dense network (`dense_run`), one PASS and one
+VPNs `stage=all` (`pass_run`, `vpns_run`), one two-process PASS search (`pass_search_2proc`) and one
+local sweep per baseline family (`structured_sweep`, `unstructured_sweep`); every test that only needs
+"a finished run" reads those and never writes into them (copy first: `copy_dense`, `shutil.copytree`).
+Errors are checked in-process (`run_main`); a few tests keep the real command line (`launch`).
+docs/testing.md maps every former test to the one that holds its assertions now.
+"""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -8,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -40,6 +51,11 @@ def beton_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("betons")
 
 
+# Seconds slept after every optimizer step where a test must land a kill, a signal, a cancel or a time
+# limit mid-run: the step is then long on any machine, however fast (trainer/loop.py STEP_DELAY_ENV).
+STEP_DELAY_ENV = "VP_PRUNE_TEST_STEP_DELAY_S"
+
+
 def child_env(threads: int = 1, **extra) -> dict:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1", **extra)
@@ -58,13 +74,32 @@ def launch(args: list[str], *, timeout: float = 600, env=None, torchrun: int = 0
     return subprocess.run(cmd, cwd=REPO, env=env or child_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def run_and_kill_at_step(args: list[str], metrics: Path, step: int, timeout: float = 300) -> None:
-    """Start the launcher and SIGKILL it once `metrics` (a metrics.jsonl) records `step`."""
-    proc = subprocess.Popen([sys.executable, str(LAUNCH), *args], cwd=REPO, env=child_env(),
+def run_main(argv: list[str]) -> tuple[int, str, str]:
+    """The launcher's main(argv) in this process: (exit code, stdout, stderr). For errors and quick
+    commands, where starting an interpreter would only cost time; `launch` runs the real command line."""
+    from slurm.launch import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def reached_step(metrics: Path, step: int) -> bool:
+    """Whether a metrics.jsonl records `step` (or later) yet."""
+    return metrics.exists() and any(json.loads(line)["step"] >= step
+                                    for line in metrics.read_text().splitlines() if line.strip())
+
+
+def run_and_kill_at_step(args: list[str], metrics: Path, step: int, timeout: float = 300,
+                         delay: float = 0.3) -> None:
+    """Start the launcher and SIGKILL it once `metrics` (a metrics.jsonl) records `step`. Every step sleeps
+    `delay` seconds after it is logged, so the kill lands before the next one on any machine."""
+    proc = subprocess.Popen([sys.executable, str(LAUNCH), *args], cwd=REPO, env=child_env(**{STEP_DELAY_ENV: str(delay)}),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines()):
+        if reached_step(metrics, step):
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.05)
@@ -97,7 +132,101 @@ def train_dense(runs: Path, args: list[str]) -> Path:
     return runs
 
 
+# The session's dense network: every test that prunes "a trained dense network" copies this one.
+# The dense stage does not depend on the method (no method file sets a dense.* key), so one serves
+# PASS, VPNs, the baselines, DeepSpeed and SLURM alike. Logged every step: tests/test_training.py
+# compares a killed-and-resumed dense run with it record by record.
+DENSE_ARGS = ["method=pass", "run=r", *TINY, "log.every_steps=1"]
+
+
+@pytest.fixture(scope="session")
+def dense_run(tmp_path_factory, beton_dir) -> Path:
+    """A runs directory whose run 'r' holds the finished dense stage (2 epochs of TINY)."""
+    runs = tmp_path_factory.mktemp("dense")
+    return train_dense(runs, [f"runs_dir={runs}", f"data.beton_dir={beton_dir}", *DENSE_ARGS])
+
+
 def copy_dense(dense_runs: Path, tmp_path: Path) -> Path:
     """A new runs directory whose run 'r' has only the finished dense stage (any method may continue it)."""
     shutil.copytree(dense_runs / "r" / "dense", tmp_path / "runs" / "r" / "dense")
     return tmp_path / "runs"
+
+
+# The PASS and VPNs settings the shared runs and the tests that compare with them use: few images, short
+# stages, a high search lr so the masks move within a few steps (10 steps per epoch at batch 64).
+PASS_SEARCH = ["search.epochs=2", "search.lr=0.01", "pass.prompt_lr=0.01", "finetune.epochs=1"]
+VPNS_SEARCH = ["search.epochs=2", "search.lr=0.01", "finetune.epochs=1", "pruning.density=0.1"]
+
+
+def pass_args(runs, beton_dir, *extra, method: str = "pass") -> list[str]:
+    return [f"method={method}", "run=r", f"runs_dir={runs}", f"data.beton_dir={beton_dir}", *TINY, *PASS_SEARCH,
+            *extra]
+
+
+def vpns_args(runs, beton_dir, *extra, method: str = "vpns") -> list[str]:
+    return [f"method={method}", "run=r", f"runs_dir={runs}", f"data.beton_dir={beton_dir}", *TINY, *VPNS_SEARCH,
+            *extra]
+
+
+@dataclass
+class SharedRun:
+    runs: Path          # the runs directory; the run is runs/r (a sweep: runs/sw/<point>)
+    stdout: str         # what the launcher printed
+    args: list[str] = field(default_factory=list)   # the command line (a sweep's, to relaunch it)
+
+    @property
+    def run(self) -> Path:
+        return self.runs / "r"
+
+
+def _shared(args: list[str], **kwargs) -> str:
+    out = launch(args, **kwargs)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.fixture(scope="session")
+def pass_run(dense_run, tmp_path_factory, beton_dir) -> SharedRun:
+    """PASS stage=all on the shared dense network, logged every step, checkpointed every 3 steps. The
+    reference that killed, signalled, preempted and SLURM searches of the same settings must reproduce."""
+    runs = copy_dense(dense_run, tmp_path_factory.mktemp("pass"))
+    return SharedRun(runs, _shared(pass_args(runs, beton_dir, "stage=all", "log.every_steps=1",
+                                             "checkpoint.every_steps=3")))
+
+
+@pytest.fixture(scope="session")
+def pass_search_2proc(dense_run, tmp_path_factory, beton_dir) -> SharedRun:
+    """The PASS search of `pass_run`'s settings on two processes (torchrun, gloo)."""
+    runs = copy_dense(dense_run, tmp_path_factory.mktemp("pass2"))
+    return SharedRun(runs, _shared(pass_args(runs, beton_dir, "stage=search", "log.every_steps=1"), torchrun=2,
+                                   timeout=900))
+
+
+@pytest.fixture(scope="session")
+def vpns_run(dense_run, tmp_path_factory, beton_dir) -> SharedRun:
+    """VPNs stage=all on the shared dense network; a finetune of 2 epochs keeping a checkpoint every 4 steps."""
+    runs = copy_dense(dense_run, tmp_path_factory.mktemp("vpns"))
+    return SharedRun(runs, _shared(vpns_args(runs, beton_dir, "stage=all", "finetune.epochs=2",
+                                             "checkpoint.every_steps=4", "checkpoint.keep=20")))
+
+
+def _baseline_sweep(root: Path, dense_run: Path, beton_dir, make_args, methods: str, *extra) -> SharedRun:
+    """One local stage=all sweep over baseline methods, pruning the shared dense network's weights."""
+    weights = dense_run / "r" / "dense" / "result" / "model.pt"
+    args = ["-m", f"method={methods}", *make_args(root, beton_dir, "stage=all", f"model.weights={weights}", *extra)]
+    args = [a for a in args if a != "run=r"] + ["run=sw"]
+    return SharedRun(root, _shared(args, timeout=1200), args)
+
+
+@pytest.fixture(scope="session")
+def structured_sweep(dense_run, tmp_path_factory, beton_dir) -> SharedRun:
+    """l1, random and uniform at 40% of the FLOPs: runs/sw/method-<m>/ (and the command, in `args`)."""
+    return _baseline_sweep(tmp_path_factory.mktemp("structured"), dense_run, beton_dir, pass_args,
+                           "l1,random,uniform", "pruning.flops_ratio=0.4")
+
+
+@pytest.fixture(scope="session")
+def unstructured_sweep(dense_run, tmp_path_factory, beton_dir) -> SharedRun:
+    """omp, hydra and random_unstructured at density 0.3: runs/sw/method-<m>/."""
+    return _baseline_sweep(tmp_path_factory.mktemp("unstructured"), dense_run, beton_dir, vpns_args,
+                           "omp,hydra,random_unstructured", "pruning.density=0.3")

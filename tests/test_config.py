@@ -1,12 +1,10 @@
 """Config composition and the launcher's fail-fast checks (no training)."""
 from __future__ import annotations
 
-import time
-
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import launch, write_image_folder
+from conftest import launch, run_main, write_image_folder
 from trainer.config import ConfigError, load_config, validate_config
 
 
@@ -62,25 +60,28 @@ def test_existing_run_keeps_its_groups(tmp_path):
 
 @pytest.mark.parametrize("case", ["misspelled", "wrong_type", "unknown_model", "missing_dir", "empty_imagefolder"])
 def test_launcher_fails_fast_with_one_line(case, tmp_path):
+    """The misspelled key through the real command line, the others through main() in-process. How fast the
+    answer comes is measured by benchmarks/startup.py; tests/test_startup.py checks that it imports no torch."""
     empty = tmp_path / "empty"
     (empty / "cat").mkdir(parents=True)
     (empty / "cat" / "notes.txt").write_text("not an image")
     args = {"misspelled": ["dense.epoch=3"], "wrong_type": ["data.batch_size=big"],
             "unknown_model": ["model=resnet99"], "missing_dir": ["data=imagefolder", f"data.train_dir={tmp_path}/nope"],
             "empty_imagefolder": ["data=imagefolder", f"data.train_dir={empty}"]}[case]
-    start = time.time()
-    proc = launch(args + [f"runs_dir={tmp_path}/runs"], timeout=60)
-    elapsed = time.time() - start
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
-    assert elapsed < 5, f"took {elapsed:.1f}s"
+    if case == "misspelled":
+        proc = launch(args + [f"runs_dir={tmp_path}/runs"], timeout=60)
+        code, out, err = proc.returncode, proc.stdout, proc.stderr
+    else:
+        code, out, err = run_main(args + [f"runs_dir={tmp_path}/runs"])
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err + out
     assert not (tmp_path / "runs").exists()  # no work started
 
 
 def test_help_lists_groups_options_and_keys():
-    proc = launch(["--help"], timeout=60)
+    proc = launch(["--help"], timeout=60)  # the real command line
     assert proc.returncode == 0
     out = proc.stdout
     for text in ("model     resnet18*, resnet50, vgg16_bn, vit_b_16, vit_tiny", "data      imagefolder, imagenet, synthetic*",
@@ -90,9 +91,9 @@ def test_help_lists_groups_options_and_keys():
 
 
 def test_print_config_prints_resolved_yaml_and_exits(tmp_path):
-    proc = launch(["print_config=true", "model=resnet50", "search.epochs=2", f"runs_dir={tmp_path}"], timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    cfg = OmegaConf.create(proc.stdout)
+    code, out, err = run_main(["print_config=true", "model=resnet50", "search.epochs=2", f"runs_dir={tmp_path}"])
+    assert code == 0, err
+    cfg = OmegaConf.create(out)
     assert cfg.model.name == "resnet50" and cfg.search.epochs == 2
     assert not any(tmp_path.iterdir())
 

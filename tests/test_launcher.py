@@ -2,7 +2,6 @@
 path of a preemption signal, local sweeps and status. tests/test_slurm.py runs the same against real SLURM."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,16 +10,11 @@ import time
 
 import pytest
 
-from conftest import LAUNCH, REPO, TINY, child_env, copy_dense, launch, read_json, train_dense
+from conftest import (LAUNCH, REPO, STEP_DELAY_ENV, TINY, child_env, copy_dense, launch, pass_args, reached_step,
+                      read_json, run_main)
 from slurm.submit import job_groups
 from slurm.sweep import expand, point_name, split_axes
 from trainer.config import ConfigError, load_config
-
-SEARCH = ["search.epochs=2", "search.lr=0.01", "pass.prompt_lr=0.01", "log.every_steps=1"]
-
-
-def _args(runs, beton_dir, *extra):
-    return ["method=pass", "run=r", f"runs_dir={runs}", f"data.beton_dir={beton_dir}", *TINY, *SEARCH, *extra]
 
 
 def test_sweep_axes_are_the_comma_separated_values():
@@ -78,39 +72,34 @@ def test_where_a_run_runs_is_not_part_of_what_it_is(tmp_path):
 
 
 def test_cluster_errors_are_one_line(tmp_path):
-    env = child_env(PATH=os.path.dirname(sys.executable))  # no sbatch on this PATH
+    # The real command line, with no sbatch on its PATH.
+    env = child_env(PATH=os.path.dirname(sys.executable))
     out = launch(["cluster=slurm", f"runs_dir={tmp_path}", *TINY], env=env)
     assert out.returncode == 2 and "needs the SLURM commands" in out.stderr and "Traceback" not in out.stderr
-    out = launch(["stage=status", "run=nope", f"runs_dir={tmp_path}"])
-    assert out.returncode == 2 and "no run or sweep 'nope'" in out.stderr, out.stderr
-    out = launch(["stage=status"])
-    assert out.returncode == 2 and "needs run=" in out.stderr
-    out = launch(["cluster.nodez=2"])
-    assert out.returncode == 2 and "did you mean 'cluster.nodes'" in out.stderr
-
-
-@pytest.fixture(scope="module")
-def dense_run(tmp_path_factory, beton_dir):
-    runs = tmp_path_factory.mktemp("dense")
-    return train_dense(runs, _args(runs, beton_dir))
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    for argv, message in ((["stage=status", "run=nope", f"runs_dir={tmp_path}"], "no run or sweep 'nope'"),
+                          (["stage=status"], "needs run="),
+                          (["cluster.nodez=2"], "did you mean 'cluster.nodes'")):
+        code, _, err = run_main(argv)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
 
 
 @pytest.mark.slow
-def test_stop_signal_checkpoints_at_the_next_step_and_the_run_resumes_exactly(dense_run, tmp_path, beton_dir):
+def test_stop_signal_checkpoints_at_the_next_step_and_the_run_resumes_exactly(dense_run, pass_run, tmp_path,
+                                                                              beton_dir):
     """cluster=debug runs the job object here; SIGUSR2 mid-search stops it at a step boundary with a checkpoint
-    of that very step, and a relaunch continues to the uninterrupted run's result."""
-    extra = ["stage=search", "search.epochs=3", "checkpoint.every_steps=0"]  # no periodic checkpoints at all
-    whole = copy_dense(dense_run, tmp_path / "a")
-    assert launch(_args(whole, beton_dir, *extra)).returncode == 0
+    of that very step, and a relaunch continues to the uninterrupted run's (pass_run's) result."""
+    extra = ["stage=search", "log.every_steps=1", "checkpoint.every_steps=0"]  # no periodic checkpoints at all
+    whole = pass_run.runs
 
     runs = copy_dense(dense_run, tmp_path / "b")
     metrics = runs / "r/search/metrics.jsonl"
-    proc = subprocess.Popen([sys.executable, str(LAUNCH), *_args(runs, beton_dir, *extra), "cluster=debug"],
-                            cwd=REPO, env=child_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    # each step sleeps 0.3 s after it is logged: the signal lands mid-epoch 1 on any machine
+    proc = subprocess.Popen([sys.executable, str(LAUNCH), *pass_args(runs, beton_dir, *extra), "cluster=debug"],
+                            cwd=REPO, env=child_env(**{STEP_DELAY_ENV: "0.3"}), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and any(
-            json.loads(line)["step"] >= 4 for line in metrics.read_text().splitlines() if line.strip())):
+    while time.time() < deadline and proc.poll() is None and not reached_step(metrics, 4):
         time.sleep(0.05)
     proc.send_signal(signal.SIGUSR2)
     output = proc.communicate(timeout=300)[0]
@@ -121,7 +110,7 @@ def test_stop_signal_checkpoints_at_the_next_step_and_the_run_resumes_exactly(de
     assert 4 <= step < 10  # mid-epoch 1, not at an epoch end
     assert (runs / "r/search/checkpoints/last.pt").exists()
 
-    resumed = launch(_args(runs, beton_dir, *extra))
+    resumed = launch(pass_args(runs, beton_dir, *extra))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"(step {step})" in next(line for line in resumed.stdout.splitlines() if "resumed from" in line)
     a, b = read_json(whole / "r/search/result/structure.json"), read_json(runs / "r/search/result/structure.json")
@@ -130,17 +119,13 @@ def test_stop_signal_checkpoints_at_the_next_step_and_the_run_resumes_exactly(de
 
 
 @pytest.mark.slow
-def test_local_sweep_runs_every_point_and_reports_them(dense_run, tmp_path, beton_dir):
-    runs = tmp_path / "runs"
-    weights = dense_run / "r/dense/result/model.pt"
-    args = ["-m", "method=l1,random", "stage=search", "run=sw", f"runs_dir={runs}", f"model.weights={weights}",
-            f"data.beton_dir={beton_dir}", *TINY, *SEARCH]
-    out = launch(args)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "== point 2/2: method-random" in out.stdout
-    for point in ("method-l1", "method-random"):
+def test_local_sweep_runs_every_point_and_reports_them(structured_sweep):
+    """conftest.structured_sweep: `-m method=l1,random,uniform stage=all` on the shared dense weights."""
+    runs, points = structured_sweep.runs, ("method-l1", "method-random", "method-uniform")
+    assert "== point 3/3: method-uniform" in structured_sweep.stdout, structured_sweep.stdout[-2000:]
+    for point in points:
         assert (runs / "sw" / point / "search/result/summary.json").exists()
-    status = launch(["stage=status", "run=sw", f"runs_dir={runs}"])
-    assert status.returncode == 0 and "2 done" in status.stdout, status.stdout + status.stderr
-    again = launch(args)
-    assert again.returncode == 0 and again.stdout.count("nothing to do") == 2, again.stdout
+    status = launch(["stage=status", "run=sw", f"runs_dir={runs}"])  # the real command line
+    assert status.returncode == 0 and "3 done" in status.stdout, status.stdout + status.stderr
+    code, again, err = run_main(structured_sweep.args)
+    assert code == 0 and again.count("nothing to do") == 3, again + err

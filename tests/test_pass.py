@@ -8,33 +8,18 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY, child_env, copy_dense, launch, read_json, run_and_kill_at_step, train_dense
+from conftest import (REPO, child_env, copy_dense, launch, pass_args, read_json, run_and_kill_at_step,
+                      run_main)
 
 pytestmark = pytest.mark.slow
-
-# Few images, two short stages; a high search lr so the masks move within a few steps.
-SEARCH = ["search.epochs=2", "search.lr=0.01", "pass.prompt_lr=0.01", "finetune.epochs=1"]
-
-
-def _args(runs, beton_dir, *extra, method="pass"):
-    return [f"method={method}", "run=r", f"runs_dir={runs}", f"data.beton_dir={beton_dir}", *TINY, *SEARCH, *extra]
-
-
-@pytest.fixture(scope="module")
-def dense_run(tmp_path_factory, beton_dir):
-    """One trained dense network; every test copies its run directory."""
-    runs = tmp_path_factory.mktemp("dense")
-    return train_dense(runs, _args(runs, beton_dir))
 
 
 def _checkpoint_weights(stage_dir):
     return torch.load(stage_dir / "checkpoints" / "last.pt", weights_only=False)["engine"]["model"]
 
 
-def test_search_freezes_the_backbone_and_moves_the_masks(dense_run, tmp_path, beton_dir):
-    runs = copy_dense(dense_run, tmp_path)
-    out = launch(_args(runs, beton_dir, "stage=search"))
-    assert out.returncode == 0, out.stderr[-2000:]
+def test_search_freezes_the_backbone_and_moves_the_masks(pass_run):
+    runs = pass_run.runs
     dense = torch.load(runs / "r/dense/result/model.pt", weights_only=True)["model"]
     searched = _checkpoint_weights(runs / "r/search")
     backbone = {k[len("classifier.backbone."):]: v for k, v in searched.items() if k.startswith("classifier.backbone.")}
@@ -52,10 +37,8 @@ def test_search_freezes_the_backbone_and_moves_the_masks(dense_run, tmp_path, be
     assert any(k.startswith("hypernet.") for k in searched)
 
 
-def test_two_process_search_keeps_identical_masks_on_both_ranks(dense_run, tmp_path, beton_dir):
-    runs = copy_dense(dense_run, tmp_path)
-    out = launch(_args(runs, beton_dir, "stage=search"), torchrun=2, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
+def test_two_process_search_keeps_identical_masks_on_both_ranks(pass_search_2proc):
+    runs = pass_search_2proc.runs
     summary = read_json(runs / "r/search/result/summary.json")
     digests = summary["mask_digest_per_rank"]
     assert summary["world_size"] == 2 and len(digests) == 2
@@ -63,12 +46,10 @@ def test_two_process_search_keeps_identical_masks_on_both_ranks(dense_run, tmp_p
     assert summary["mask_channels_changed"] > 0
 
 
-def test_finetuned_model_rebuilds_in_a_fresh_process(dense_run, tmp_path, beton_dir):
-    runs = copy_dense(dense_run, tmp_path)
-    out = launch(_args(runs, beton_dir, "stage=all"))
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "dense: already done" in out.stdout
-    line = next(l for l in out.stdout.splitlines() if l.startswith("finetune: dense top-1"))
+def test_finetuned_model_rebuilds_in_a_fresh_process(pass_run):
+    runs = pass_run.runs
+    assert "dense: already done" in pass_run.stdout
+    line = next(l for l in pass_run.stdout.splitlines() if l.startswith("finetune: dense top-1"))
     assert "FLOPs" in line and "latency" in line and "x)" in line, line
     fin = read_json(runs / "r/finetune/result/summary.json")
     ev = read_json(runs / "r/eval/result/summary.json")
@@ -114,26 +95,24 @@ print(json.dumps({{"equal": bool(torch.equal(a, b)), "scale": a.abs().max().item
 
 
 @pytest.mark.parametrize("method", ["l1", "random", "uniform"])
-def test_structured_baselines_meet_the_budget_and_finetune(dense_run, tmp_path, beton_dir, method):
-    runs = copy_dense(dense_run, tmp_path)
-    out = launch(_args(runs, beton_dir, "stage=all", "pruning.flops_ratio=0.4", method=method))
-    assert out.returncode == 0, out.stderr[-2000:]
-    search = read_json(runs / "r/search/result/summary.json")
-    fin = read_json(runs / "r/finetune/result/summary.json")
+def test_structured_baselines_meet_the_budget_and_finetune(structured_sweep, method):
+    """One local sweep (conftest.structured_sweep) runs the three baselines at 40% of the FLOPs."""
+    run = structured_sweep.runs / "sw" / f"method-{method}"
+    search = read_json(run / "search/result/summary.json")
+    fin = read_json(run / "finetune/result/summary.json")
+    assert (run / "eval/result/summary.json").exists()
     assert search["epochs"] == 0 and search["method"] == method
     assert 0.39 * 0.98 <= fin["flops_ratio_achieved"] <= 0.4 * 1.01, fin["flops_ratio_achieved"]
 
 
-def test_search_resumes_after_sigkill_with_the_same_decision(dense_run, tmp_path, beton_dir):
+def test_search_resumes_after_sigkill_with_the_same_decision(dense_run, pass_run, tmp_path, beton_dir):
+    """Killed inside epoch 2 and relaunched, the search ends with pass_run's decision (same settings)."""
     extra = ["stage=search", "checkpoint.every_steps=3", "log.every_steps=1"]
-    whole = copy_dense(dense_run, tmp_path / "a")
-    out = launch(_args(whole, beton_dir, *extra))
-    assert out.returncode == 0, out.stderr[-2000:]
-
+    whole = pass_run.runs
     runs = copy_dense(dense_run, tmp_path / "b")
     # kill inside epoch 2 (10 steps per epoch)
-    run_and_kill_at_step(_args(runs, beton_dir, *extra), runs / "r" / "search" / "metrics.jsonl", 13)
-    resumed = launch(_args(runs, beton_dir, *extra))
+    run_and_kill_at_step(pass_args(runs, beton_dir, *extra), runs / "r" / "search" / "metrics.jsonl", 13)
+    resumed = launch(pass_args(runs, beton_dir, *extra))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert any("resumed from" in l and "epoch 2" in l for l in resumed.stdout.splitlines()), resumed.stdout
     a = read_json(whole / "r/search/result/structure.json")
@@ -144,22 +123,23 @@ def test_search_resumes_after_sigkill_with_the_same_decision(dense_run, tmp_path
 
 
 def test_pass_needs_a_dense_network_and_says_so(tmp_path, beton_dir):
-    out = launch(_args(tmp_path, beton_dir, "stage=search"))
-    assert out.returncode == 2
-    assert "needs a trained dense network" in out.stderr and "Traceback" not in out.stderr
-    out = launch(_args(tmp_path, beton_dir, "stage=finetune"))
-    assert out.returncode == 2 and "structure.json" in out.stderr
+    code, _, err = run_main(pass_args(tmp_path, beton_dir, "stage=search"))
+    assert code == 2
+    assert "needs a trained dense network" in err and "Traceback" not in err, err
+    code, _, err = run_main(pass_args(tmp_path, beton_dir, "stage=finetune"))
+    assert code == 2 and "structure.json" in err, err
 
 
 def test_impossible_budget_is_a_one_line_error(dense_run, tmp_path, beton_dir):
     runs = copy_dense(dense_run, tmp_path)
-    out = launch(_args(runs, beton_dir, "stage=search", "pruning.flops_ratio=0.001", method="l1"))
-    assert out.returncode == 2 and "min_keep" in out.stderr and "Traceback" not in out.stderr, out.stderr[-1500:]
+    code, _, err = run_main(pass_args(runs, beton_dir, "stage=search", "pruning.flops_ratio=0.001", method="l1"))
+    assert code == 2 and "min_keep" in err and "Traceback" not in err, err[-1500:]
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def test_vit_pipeline_prunes_heads_and_rebuilds(tmp_path, beton_dir):
     """stage=all on the small ViT: heads and MLP units are pruned, the product rebuilds for eval."""
-    out = launch(_args(tmp_path, beton_dir, "stage=all", "model=vit_tiny", "dense.epochs=1",
+    out = launch(pass_args(tmp_path, beton_dir, "stage=all", "model=vit_tiny", "dense.epochs=1",
                        "pruning.flops_ratio=0.4"), timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     search = read_json(tmp_path / "r/search/result/summary.json")

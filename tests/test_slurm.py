@@ -11,28 +11,25 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, copy_dense, launch, read_json, train_dense
+from conftest import PASS_SEARCH, STEP_DELAY_ENV, TINY, copy_dense, launch, pass_args, read_json, reached_step
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-SEARCH = ["search.epochs=2", "search.lr=0.01", "pass.prompt_lr=0.01", "finetune.epochs=1", "log.every_steps=1"]
+SEARCH = [*PASS_SEARCH, "log.every_steps=1"]
 # One CPU per job, so the 2-core test node runs two jobs at once; no GPUs.
 CLUSTER = ["cluster=slurm", "cluster.gpus_per_node=0", "cluster.cpus_per_task=1", "cluster.timeout_min=30",
            "cluster.signal_delay_s=60"]
 
 
 def _args(runs, beton_dir, *extra):
-    return ["method=pass", "run=r", f"runs_dir={runs}", f"data.beton_dir={beton_dir}", *TINY, *SEARCH, *extra]
+    return pass_args(runs, beton_dir, "log.every_steps=1", *extra)
 
 
-@pytest.fixture(scope="module")
-def dense_run(tmp_path_factory, beton_dir):
-    runs = tmp_path_factory.mktemp("dense")
-    return train_dense(runs, _args(runs, beton_dir))
-
-
-def _submit(cluster, args) -> subprocess.CompletedProcess:
-    out = launch([*CLUSTER, *args], env=cluster.env, timeout=120)  # the test's own cluster.* keys win
+def _submit(cluster, args, step_delay: float = 0) -> subprocess.CompletedProcess:
+    """Submit through the real command line. `step_delay`: seconds every training step of the jobs sleeps,
+    so that a signal, a cancel or a time limit lands mid-run however fast the machine is."""
+    env = {**cluster.env, STEP_DELAY_ENV: str(step_delay)} if step_delay else cluster.env
+    out = launch([*CLUSTER, *args], env=env, timeout=120)  # the test's own cluster.* keys win
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     return out
 
@@ -70,13 +67,7 @@ def _state(run_root: Path, stage: str) -> dict:
 
 
 def _reached_step(run_root: Path, stage: str, step: int):
-    metrics = run_root / stage / "metrics.jsonl"
-
-    def check():
-        if not metrics.exists():
-            return False
-        return any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines() if line.strip())
-    return check
+    return lambda: reached_step(run_root / stage / "metrics.jsonl", step)
 
 
 def _status(cluster, runs: Path, name: str) -> str:
@@ -92,7 +83,7 @@ def _same_search(a: Path, b: Path) -> None:
     assert (sa["top1"], sa["mask_digest_per_rank"]) == (sb["top1"], sb["mask_digest_per_rank"])
 
 
-def test_search_job_completes_and_a_relaunch_is_a_no_op(slurm_cluster, dense_run, tmp_path, beton_dir):
+def test_search_job_completes_and_a_relaunch_is_a_no_op(slurm_cluster, dense_run, pass_run, tmp_path, beton_dir):
     runs = copy_dense(dense_run, tmp_path)
     run = runs / "r"
     out = _submit(slurm_cluster, _args(runs, beton_dir, "stage=search"))
@@ -100,7 +91,7 @@ def test_search_job_completes_and_a_relaunch_is_a_no_op(slurm_cluster, dense_run
     _wait(slurm_cluster, _done(run, "search"), "the search job's result", run)
     state = _state(run, "search")
     assert state["state"] == "completed" and state["starts"] == 1, state
-    assert (run / "search/result/structure.json").exists()
+    _same_search(pass_run.run, run)  # the same search as here
     assert "search    done" in _status(slurm_cluster, runs, "r")
 
     again = _submit(slurm_cluster, _args(runs, beton_dir, "stage=search"))
@@ -109,18 +100,15 @@ def test_search_job_completes_and_a_relaunch_is_a_no_op(slurm_cluster, dense_run
 
 
 @pytest.mark.parametrize("preempt", ["signal", "partition"])
-def test_preempted_search_requeues_resumes_and_matches_an_uninterrupted_run(slurm_cluster, dense_run, tmp_path,
-                                                                            beton_dir, preempt):
+def test_preempted_search_requeues_resumes_and_matches_an_uninterrupted_run(slurm_cluster, dense_run, pass_run,
+                                                                            tmp_path, beton_dir, preempt):
     """signal: what submitit's job._interrupt() sends (SIGTERM, then SIGUSR2). partition: real preemption,
-    a whole-node job in the higher-priority partition (SLURM signals, then requeues by PreemptMode=REQUEUE)."""
-    extra = ["stage=search", "search.epochs=3", "checkpoint.every_steps=3"]
-    whole = copy_dense(dense_run, tmp_path / "a")
-    ref = launch(_args(whole, beton_dir, *extra))  # uninterrupted, here
-    assert ref.returncode == 0, ref.stderr[-2000:]
-
+    a whole-node job in the higher-priority partition (SLURM signals, then requeues by PreemptMode=REQUEUE).
+    The reference is pass_run's search: the same settings, uninterrupted, here."""
+    extra = ["stage=search", "checkpoint.every_steps=3"]
     runs = copy_dense(dense_run, tmp_path / "b")
     run = runs / "r"
-    _submit(slurm_cluster, _args(runs, beton_dir, *extra))
+    _submit(slurm_cluster, _args(runs, beton_dir, *extra), step_delay=0.5)  # 20 steps: >= 10 s of training
     job_id = _jobs(run)[0]["job_id"]
     _wait(slurm_cluster, _reached_step(run, "search", 4), "search step 4", run)  # after the step-3 checkpoint
     if preempt == "signal":
@@ -139,17 +127,21 @@ def test_preempted_search_requeues_resumes_and_matches_an_uninterrupted_run(slur
     assert "for requeue" in log, log[-3000:]
     resumed = next(line for line in log.splitlines() if "resumed from" in line)
     assert f"(step {requeue['step']})" in resumed, resumed  # it continued exactly where it stopped
-    _same_search(whole / "r", run)
+    _same_search(pass_run.run, run)
 
 
 def test_time_limit_requeues_until_done_and_a_spent_timeout_count_fails_clearly(slurm_cluster, dense_run, tmp_path,
                                                                                  beton_dir):
-    # A 2-minute limit with the signal 30 s before it (SLURM may send it up to a minute early), and a search
-    # of 30 short epochs, about two minutes of training here (35 took 130 s): it cannot finish in one job.
-    extra = ["stage=search", "search.epochs=30", "cluster.timeout_min=2", "cluster.signal_delay_s=30"]
+    # A 2-minute limit with the signal asked for 30 s before it. slurmctld looks at time limits every 30 s and
+    # signals once the limit is within the warning time plus those 30 s: about 60 s into the job (seen here:
+    # with SLURM's 1-minute minimum the signal came ~22 s in, before the first training step of a job that
+    # starts under load, so no start ever made progress). Each of the search's 20 steps sleeps 3 s
+    # (STEP_DELAY_ENV): over 60 s of training, so the search cannot finish within one job on any machine, and
+    # a second job finishes it. The strict job fails clearly wherever its signal lands: in a step or before.
+    extra = ["stage=search", "checkpoint.every_steps=2", "cluster.timeout_min=2", "cluster.signal_delay_s=30"]
     patient, strict = copy_dense(dense_run, tmp_path / "patient"), copy_dense(dense_run, tmp_path / "strict")
-    _submit(slurm_cluster, [*_args(patient, beton_dir, *extra), "cluster.max_timeouts=6"])
-    _submit(slurm_cluster, [*_args(strict, beton_dir, *extra), "cluster.max_timeouts=0"])
+    _submit(slurm_cluster, [*_args(patient, beton_dir, *extra), "cluster.max_timeouts=6"], step_delay=3.0)
+    _submit(slurm_cluster, [*_args(strict, beton_dir, *extra), "cluster.max_timeouts=0"], step_delay=3.0)
 
     _wait(slurm_cluster, lambda: _state(strict / "r", "search").get("state") == "failed",
           "the job allowed no timeout to fail", strict / "r", timeout=900)
@@ -235,11 +227,10 @@ def test_stage_all_sweep_waits_for_its_shared_dense_job_and_ends_with_a_report(s
     assert (runs / "sw/dense/dense/result/model.pt").exists() and (runs / "sw/report/accuracy_vs_flops.png").exists()
 
 
-def test_two_tasks_under_srun_match_a_two_process_local_run(slurm_cluster, dense_run, tmp_path, beton_dir):
+def test_two_tasks_under_srun_match_a_two_process_local_run(slurm_cluster, dense_run, pass_search_2proc, tmp_path,
+                                                            beton_dir):
     extra = ["stage=search"]
-    local = copy_dense(dense_run, tmp_path / "local")
-    ref = launch(_args(local, beton_dir, *extra), torchrun=2)
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    local = pass_search_2proc.runs  # the same search under torchrun, here
 
     runs = copy_dense(dense_run, tmp_path / "srun")
     _submit(slurm_cluster, [*_args(runs, beton_dir, *extra), "cluster.tasks_per_node=2"])
@@ -251,10 +242,9 @@ def test_two_tasks_under_srun_match_a_two_process_local_run(slurm_cluster, dense
 
 
 def test_relaunching_a_cancelled_run_resumes_it(slurm_cluster, dense_run, tmp_path, beton_dir):
-    args = _args(copy_dense(dense_run, tmp_path), beton_dir, "stage=search", "search.epochs=8",
-                 "checkpoint.every_steps=2")
+    args = _args(copy_dense(dense_run, tmp_path), beton_dir, "stage=search", "checkpoint.every_steps=2")
     runs, run = tmp_path / "runs", tmp_path / "runs" / "r"
-    _submit(slurm_cluster, args)
+    _submit(slurm_cluster, args, step_delay=1.0)  # 20 steps of >= 1 s: the cancel at step 5 lands mid-run
     first = _jobs(run)[0]["job_id"]
     _wait(slurm_cluster, _reached_step(run, "search", 5), "search step 5", run)
     out = launch(["stage=cancel", "run=r", f"runs_dir={runs}"], env=slurm_cluster.env)
@@ -263,7 +253,7 @@ def test_relaunching_a_cancelled_run_resumes_it(slurm_cluster, dense_run, tmp_pa
           "the cancelled job to end", run, timeout=120)
     assert "cancelled" in _status(slurm_cluster, runs, "r")
 
-    again = _submit(slurm_cluster, args)
+    again = _submit(slurm_cluster, args)  # the same command; no delay now
     assert "resumes from" in again.stdout, again.stdout
     second = _jobs(run)[1]["job_id"]
     assert second != first

@@ -8,23 +8,9 @@ import sys
 import pytest
 import torch
 
-from conftest import TINY, child_env, copy_dense, launch, read_json, run_and_kill_at_step, train_dense
+from conftest import child_env, copy_dense, launch, read_json, run_and_kill_at_step, run_main, vpns_args
 
 pytestmark = pytest.mark.slow
-
-# Few images, short stages; a high score lr so the masks move within a few steps.
-SEARCH = ["search.epochs=2", "search.lr=0.01", "finetune.epochs=1", "pruning.density=0.1"]
-
-
-def _args(runs, beton_dir, *extra, method="vpns"):
-    return [f"method={method}", "run=r", f"runs_dir={runs}", f"data.beton_dir={beton_dir}", *TINY, *SEARCH, *extra]
-
-
-@pytest.fixture(scope="module")
-def dense_run(tmp_path_factory, beton_dir):
-    """One trained dense network; every test copies its run directory."""
-    runs = tmp_path_factory.mktemp("dense")
-    return train_dense(runs, _args(runs, beton_dir))
 
 
 def _checkpoints(stage_dir):
@@ -43,11 +29,9 @@ def _is_norm_statistic(key):
     return key.endswith(("running_mean", "running_var", "num_batches_tracked"))
 
 
-def test_search_trains_only_scores_and_prompt(dense_run, tmp_path, beton_dir):
+def test_search_trains_only_scores_and_prompt(vpns_run):
     """Every weight and norm affine parameter is bitwise the dense one; the scores and prompt moved."""
-    runs = copy_dense(dense_run, tmp_path)
-    out = launch(_args(runs, beton_dir, "stage=search"))
-    assert out.returncode == 0, out.stderr[-2000:]
+    runs = vpns_run.runs
     dense = torch.load(runs / "r/dense/result/model.pt", weights_only=True)["model"]
     state = _model_state(runs / "r/search/checkpoints/last.pt")
     backbone = _backbone(state)
@@ -73,12 +57,10 @@ def test_search_trains_only_scores_and_prompt(dense_run, tmp_path, beton_dir):
         assert torch.equal(product[key][mask], dense[key][mask]) and not product[key][~mask].any(), key
 
 
-def test_finetune_keeps_the_mask_fixed_and_exports_plain_weights(dense_run, tmp_path, beton_dir):
-    """Masked weights are exactly zero in every finetune checkpoint and in the export; kept ones train."""
-    runs = copy_dense(dense_run, tmp_path)
-    out = launch(_args(runs, beton_dir, "stage=all", "finetune.epochs=2", "checkpoint.every_steps=4",
-                       "checkpoint.keep=20"))
-    assert out.returncode == 0, out.stderr[-2000:]
+def test_finetune_keeps_the_mask_fixed_and_exports_plain_weights(vpns_run):
+    """Masked weights are exactly zero in every finetune checkpoint and in the export; kept ones train.
+    (vpns_run: finetune.epochs=2, checkpoint.every_steps=4, checkpoint.keep=20.)"""
+    runs = vpns_run.runs
     masks = torch.load(runs / "r/search/result/masks.pt", weights_only=True)
     searched = torch.load(runs / "r/search/result/model.pt", weights_only=True)["model"]
     checkpoints = _checkpoints(runs / "r/finetune")
@@ -104,7 +86,7 @@ def test_finetune_keeps_the_mask_fixed_and_exports_plain_weights(dense_run, tmp_
 
 def test_two_process_search_keeps_identical_masks_on_both_ranks(dense_run, tmp_path, beton_dir):
     runs = copy_dense(dense_run, tmp_path)
-    out = launch(_args(runs, beton_dir, "stage=search"), torchrun=2, timeout=900)
+    out = launch(vpns_args(runs, beton_dir, "stage=search"), torchrun=2, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = read_json(runs / "r/search/result/summary.json")
     digests = summary["mask_digest_per_rank"]
@@ -112,14 +94,13 @@ def test_two_process_search_keeps_identical_masks_on_both_ranks(dense_run, tmp_p
     assert digests[0] == digests[1], digests
 
 
-def test_search_resumes_after_sigkill_with_the_same_masks(dense_run, tmp_path, beton_dir):
+def test_search_resumes_after_sigkill_with_the_same_masks(dense_run, vpns_run, tmp_path, beton_dir):
+    """Killed inside epoch 2 and relaunched, the search ends with vpns_run's masks (the same search settings)."""
     extra = ["stage=search", "checkpoint.every_steps=3", "log.every_steps=1"]
-    whole = copy_dense(dense_run, tmp_path / "a")
-    out = launch(_args(whole, beton_dir, *extra))
-    assert out.returncode == 0, out.stderr[-2000:]
+    whole = vpns_run.runs
     runs = copy_dense(dense_run, tmp_path / "b")
-    run_and_kill_at_step(_args(runs, beton_dir, *extra), runs / "r" / "search" / "metrics.jsonl", 13)
-    resumed = launch(_args(runs, beton_dir, *extra))
+    run_and_kill_at_step(vpns_args(runs, beton_dir, *extra), runs / "r" / "search" / "metrics.jsonl", 13)
+    resumed = launch(vpns_args(runs, beton_dir, *extra))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert any("resumed from" in l and "epoch 2" in l for l in resumed.stdout.splitlines()), resumed.stdout
     a = torch.load(whole / "r/search/result/masks.pt", weights_only=True)
@@ -130,12 +111,12 @@ def test_search_resumes_after_sigkill_with_the_same_masks(dense_run, tmp_path, b
 
 
 @pytest.mark.parametrize("method", ["omp", "hydra", "random_unstructured"])
-def test_unstructured_baselines_meet_the_density_and_finetune(dense_run, tmp_path, beton_dir, method):
-    runs = copy_dense(dense_run, tmp_path)
-    out = launch(_args(runs, beton_dir, "stage=all", "pruning.density=0.3", method=method))
-    assert out.returncode == 0, out.stderr[-2000:]
-    search = read_json(runs / "r/search/result/summary.json")
-    fin = read_json(runs / "r/finetune/result/summary.json")
+def test_unstructured_baselines_meet_the_density_and_finetune(dense_run, unstructured_sweep, method):
+    """One local sweep (conftest.unstructured_sweep) runs the three baselines at density 0.3."""
+    run = unstructured_sweep.runs / "sw" / f"method-{method}"
+    search = read_json(run / "search/result/summary.json")
+    fin = read_json(run / "finetune/result/summary.json")
+    assert (run / "eval/result/summary.json").exists()
     layers = len(fin["density_per_layer"])
     assert abs(fin["density_achieved"] - 0.3) * fin["weights_scored"] <= layers
     assert search["epochs"] == (2 if method == "hydra" else 0)
@@ -143,18 +124,16 @@ def test_unstructured_baselines_meet_the_density_and_finetune(dense_run, tmp_pat
         assert search["threshold"] == "layer" and search["top1_prompt"] is None
         assert all(abs(d - 0.3) < 0.01 for d in fin["density_per_layer"].values())
     if method == "omp":  # global magnitude: the kept weights are the largest of the dense network
-        dense = torch.load(runs / "r/dense/result/model.pt", weights_only=True)["model"]
-        masks = torch.load(runs / "r/search/result/masks.pt", weights_only=True)
+        dense = torch.load(dense_run / "r/dense/result/model.pt", weights_only=True)["model"]
+        masks = torch.load(run / "search/result/masks.pt", weights_only=True)
         smallest_kept = min(dense[k][m].abs().min() for k, m in masks.items())
         largest_dropped = max(dense[k][~m].abs().max() for k, m in masks.items())
         assert smallest_kept >= largest_dropped
 
 
-def test_export_loads_into_plain_torchvision_in_a_fresh_process(dense_run, tmp_path, beton_dir):
+def test_export_loads_into_plain_torchvision_in_a_fresh_process(vpns_run):
     """The exported state dict in `torchvision.models.resnet18`, evaluated by FFCV + torch only, matches eval."""
-    runs = copy_dense(dense_run, tmp_path)
-    out = launch(_args(runs, beton_dir, "stage=all"))
-    assert out.returncode == 0, out.stderr[-2000:]
+    runs = vpns_run.runs
     ev = read_json(runs / "r/eval/result/summary.json")
 
     from omegaconf import OmegaConf
@@ -216,8 +195,8 @@ def test_label_mapping_reuses_a_larger_classifier(dense_run, tmp_path, beton_dir
     wide["fc.weight"], wide["fc.bias"] = weight, bias
     path = tmp_path / "wide.pt"
     torch.save(wide, path)
-    out = launch(_args(tmp_path / "runs", beton_dir, "stage=search", f"model.weights={path}", "head=map",
-                       "search.epochs=0"))
+    out = launch(vpns_args(tmp_path / "runs", beton_dir, "stage=search", f"model.weights={path}", "head=map",
+                           "search.epochs=0"))
     assert out.returncode == 0, out.stderr[-2000:]
     summary = read_json(tmp_path / "runs/r/search/result/summary.json")
     assert summary["head"] == "map" and summary["source_outputs"] == 20
@@ -232,5 +211,6 @@ def test_label_mapping_reuses_a_larger_classifier(dense_run, tmp_path, beton_dir
     assert torch.equal(product["fc.weight"], weight[mapping] * masks["fc.weight"])  # the product is masked
     assert torch.equal(product["fc.bias"], bias[mapping])
     # A mismatched head with head=keep is a one-line error.
-    bad = launch(_args(tmp_path / "runs2", beton_dir, "stage=search", f"model.weights={path}", "head=keep"))
-    assert bad.returncode == 2 and "head=keep" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-1500:]
+    code, _, err = run_main(vpns_args(tmp_path / "runs2", beton_dir, "stage=search", f"model.weights={path}",
+                                      "head=keep"))
+    assert code == 2 and "head=keep" in err and "Traceback" not in err, err[-1500:]

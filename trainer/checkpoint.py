@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .run_dir import checkpoint_candidates
+
 
 def _write_synced(obj, path: Path) -> Path:
     """Write `obj` fully to a temporary file next to `path` and return it (nothing at `path` changes yet)."""
@@ -52,8 +54,7 @@ class CheckpointStore:
 
     def candidates(self) -> list[Path]:
         """Newest first: last.pt, then the kept older ones."""
-        older = sorted(self.dir.glob("prev-*.pt"), reverse=True)
-        return ([self.last] if self.last.exists() else []) + older
+        return checkpoint_candidates(self.dir)
 
     def load_latest(self, log=print) -> dict | None:
         """The newest checkpoint that loads; damaged ones are reported and skipped."""

@@ -13,6 +13,7 @@ RNG state and elapsed wall time.
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import sys
 import time
@@ -28,6 +29,10 @@ from .engines import Engine
 from .metrics import MetricsLog, topk_correct
 from .optim import make_optimizer, make_scheduler
 from .preemption import STOP, Preempted, stop_agreed
+
+# Test-only: seconds to sleep after every optimizer step, so that a kill, a preemption, a cancel or a
+# time limit lands mid-run on any machine, however fast (docs/testing.md). Sleeping changes no result.
+STEP_DELAY_ENV = "VP_PRUNE_TEST_STEP_DELAY_S"
 
 
 @dataclass
@@ -165,6 +170,7 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
             step, keep=checkpoint_cfg.keep)
 
     interactive = sys.stderr.isatty()
+    step_delay = float(os.environ.get(STEP_DELAY_ENV) or 0)
     for epoch in range(epoch, schedule.epochs):
         model.train()
         start_batch, seen, t0 = batch, 0, time.time()
@@ -201,6 +207,8 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
                           **_view_losses(views, running), **getattr(model, "last", {})}
                 log.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+            if step_delay:
+                time.sleep(step_delay)
             last_batch = batch + 1 == steps_per_epoch
             if not last_batch and stop_agreed(engine):
                 # Preemption or time limit: save this exact position on every rank, then let the job requeue.

@@ -19,6 +19,25 @@ from omegaconf import DictConfig, OmegaConf
 
 
 SWEEP_FILE = "sweep.json"
+# DeepSpeed checkpoints (trainer/engines/ds_checkpoint.py): a tag directory per save, trusted once complete.
+DEEPSPEED_COMPLETE = "complete.json"
+DEEPSPEED_UNIVERSAL = "-universal"
+
+
+def checkpoint_candidates(directory: Path) -> list[Path]:
+    """DDP checkpoints (trainer/checkpoint.py), the order a resume tries them: last.pt, then the kept
+    older prev-<step>.pt, newest first."""
+    last = directory / "last.pt"
+    return ([last] if last.exists() else []) + sorted(directory.glob("prev-*.pt"), reverse=True)
+
+
+def complete_deepspeed_tags(directory: Path) -> list[Path]:
+    """Complete DeepSpeed checkpoint tags (step-<N>/ with complete.json), newest first."""
+    if not directory.is_dir():
+        return []
+    tags = [d for d in directory.glob("step-*") if d.is_dir() and not d.name.endswith(DEEPSPEED_UNIVERSAL)
+            and (d / DEEPSPEED_COMPLETE).exists()]
+    return sorted(tags, key=lambda d: d.name, reverse=True)
 
 
 class RunDir:
@@ -33,12 +52,9 @@ class RunDir:
         return self.stage(stage) / "result"
 
     def newest_checkpoint(self, stage: str) -> Path | None:
-        """The checkpoint the stage would resume from (None: it starts afresh)."""
-        from .checkpoint import CheckpointStore  # torch: only where checkpoints are looked at
-        from .engines.ds_checkpoint import complete_tags
-
+        """The checkpoint the stage would resume from (None: it starts afresh). Torch-free: stage=status asks."""
         directory = self.stage(stage) / "checkpoints"
-        return CheckpointStore(directory).newest() or next(iter(complete_tags(directory)), None)
+        return next(iter(checkpoint_candidates(directory) + complete_deepspeed_tags(directory)), None)
 
     def finished_note(self, stages: list[str], outcome: str) -> str:
         """What a relaunch of a finished run says instead of doing anything."""

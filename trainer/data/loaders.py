@@ -15,7 +15,6 @@ from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
-from torch.utils.data import DistributedSampler
 
 from .augment import SeededHorizontalFlip, SeededRandomResizedCrop
 
@@ -23,26 +22,35 @@ from .augment import SeededHorizontalFlip, SeededRandomResizedCrop
 class ResumableOrder:
     """The epoch order of one process, startable at batch `skip_batches`.
 
-    It is torch's DistributedSampler order (a seeded per-epoch permutation,
-    process r taking every world_size-th sample), which is also what FFCV's
-    distributed RANDOM order uses. Using it on a single process too means that
-    global batch b of a 1-process run is exactly the union of the processes'
-    batch b in an N-process run with the same global batch size. Skipped
-    batches are those of the uninterrupted epoch, so a run killed mid-epoch
-    replays nothing and misses nothing.
+    Each epoch is torch's DistributedSampler permutation (seeded by seed +
+    epoch, padded with its first samples to a multiple of world_size, which is
+    also what FFCV's distributed RANDOM order uses), cut into global batches
+    of batch_size * world_size samples; process r takes the r-th contiguous
+    block of each. So global batch b of a 1-process run is exactly process 0's
+    batch b, then process 1's, ... of an N-process run with the same global
+    batch size, and since gradient accumulation splits a batch into contiguous
+    chunks (`Engine.split`), one process with engine.grad_accum_steps=N
+    computes micro-batch r on the same images, in the same order, as process r
+    (BatchNorm then normalises over the same images). Skipped batches are those
+    of the uninterrupted epoch, so a run killed mid-epoch replays nothing and
+    misses nothing.
     """
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int, world_size: int):
-        self.sampler = DistributedSampler(range(num_samples), num_replicas=world_size, rank=rank,
-                                          shuffle=True, seed=seed, drop_last=False)
-        self.batch_size = batch_size
+        # plain ints: FFCV counts records in numpy unsigned integers
+        self.num_samples, self.batch_size, self.seed = int(num_samples), int(batch_size), int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
         self.skip_batches = 0
 
     def sample_order(self, epoch: int) -> np.ndarray:
-        self.sampler.set_epoch(epoch)
-        order = np.fromiter(iter(self.sampler), dtype=np.uint64)
-        order = order[: len(order) // self.batch_size * self.batch_size]  # drop_last
-        return order[self.skip_batches * self.batch_size:]
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + epoch)  # DistributedSampler's permutation
+        order = torch.randperm(self.num_samples, generator=generator).numpy()
+        per_process = -(-self.num_samples // self.world_size)
+        order = np.resize(order, per_process * self.world_size)  # DistributedSampler's cyclic padding
+        batches = per_process // self.batch_size  # drop_last
+        order = order[: batches * self.world_size * self.batch_size].reshape(batches, self.world_size, self.batch_size)
+        return order[self.skip_batches:, self.rank].reshape(-1).astype(np.uint64)
 
 
 def _label_pipeline(device):

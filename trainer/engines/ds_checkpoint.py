@@ -20,9 +20,11 @@ import os
 import shutil
 from pathlib import Path
 
-COMPLETE = "complete.json"
+from ..run_dir import DEEPSPEED_COMPLETE as COMPLETE
+from ..run_dir import DEEPSPEED_UNIVERSAL as UNIVERSAL
+from ..run_dir import complete_deepspeed_tags
+
 LATEST = "latest"
-UNIVERSAL = "-universal"
 
 
 def tag_for(step: int) -> str:
@@ -31,11 +33,7 @@ def tag_for(step: int) -> str:
 
 def complete_tags(directory: Path) -> list[Path]:
     """Complete checkpoints, newest first."""
-    if not directory.is_dir():
-        return []
-    tags = [d for d in directory.glob("step-*") if d.is_dir() and not d.name.endswith(UNIVERSAL)
-            and (d / COMPLETE).exists()]
-    return sorted(tags, key=lambda d: d.name, reverse=True)
+    return complete_deepspeed_tags(directory)
 
 
 def _replace_text(path: Path, text: str) -> None:

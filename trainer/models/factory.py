@@ -21,6 +21,8 @@ import torchvision
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
 
+from ..plan import has_weights  # torch-free (the stage plan needs it); re-exported by trainer.models
+
 MODEL_NAMES = ("resnet18", "resnet50", "vgg16_bn", "vit_b_16", "vit_tiny")
 
 # Per-socket-operation timeout for weight downloads: on a machine without
@@ -62,11 +64,6 @@ def weights_num_classes(name: str, weights: str, image_size: int) -> int | None:
 def is_torchvision_weights(weights: str | None) -> bool:
     """A torchvision weights name (ImageNet-trained), as opposed to a checkpoint path."""
     return has_weights(weights) and not _looks_like_path(str(weights).strip())
-
-
-def has_weights(weights: str | None) -> bool:
-    """Whether `model.weights` names any weights ("none", "" and null mean a random initialisation)."""
-    return weights is not None and str(weights).strip().lower() not in ("", "none")
 
 
 def classifier_name(model: nn.Module) -> str:

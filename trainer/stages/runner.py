@@ -5,7 +5,7 @@ from omegaconf import DictConfig
 
 from ..distributed import detect_env
 from ..engines import make_engine
-from ..models import has_weights
+from ..plan import plan  # torch-free (the launcher and stage=status use it); re-exported here
 from ..run_dir import SWEEP_FILE, RunDir, timestamped
 from .context import StageContext, StageNotImplemented
 from .dense import run_dense
@@ -25,17 +25,6 @@ def stage_function(stage: str, method: str):
     if is_unstructured(method) and stage in SPARSE_STAGE_FUNCTIONS:
         return SPARSE_STAGE_FUNCTIONS[stage]
     return STAGE_FUNCTIONS[stage]
-
-
-def plan(cfg: DictConfig) -> list[str]:
-    """The stages `stage=...` stands for. Pruning starts from given weights, another run's dense stage
-    (`dense_run`, a sweep's shared one) or this run's own dense stage."""
-    if cfg.stage != "all":
-        return [cfg.stage]
-    if cfg.method.name == "dense":
-        return ["dense", "eval"]
-    pretrained = has_weights(cfg.model.weights) or bool(cfg.dense_run)
-    return ([] if pretrained else ["dense"]) + ["search", "finetune", "eval"]
 
 
 def write_reports(run: RunDir, say) -> None:

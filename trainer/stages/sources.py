@@ -11,10 +11,11 @@ from torch import nn
 
 from pruning.prompt import PadPrompt
 
-from ..config.schema import STRUCTURED_METHODS, UNSTRUCTURED_METHODS
+from ..config.schema import UNSTRUCTURED_METHODS
 from ..data import DataFiles
 from ..loop import evaluate
 from ..models import build_backbone, has_weights
+from ..plan import pruning_method_problem
 from ..run_dir import RunDir
 from .context import StageContext, StageNotImplemented
 from .product import PRODUCT_FILE, load_product
@@ -22,10 +23,9 @@ from .product import PRODUCT_FILE, load_product
 
 def require_pruning_method(method: str, stage: str) -> None:
     """The search/finetune stages serve the structured and the unstructured pruning methods."""
-    if method == "dense":
-        raise StageNotImplemented(f"method=dense has no {stage} stage")
-    if method not in STRUCTURED_METHODS + UNSTRUCTURED_METHODS:
-        raise StageNotImplemented(f"stage={stage} for method={method} is not implemented")
+    problem = pruning_method_problem(method, stage)
+    if problem:
+        raise StageNotImplemented(problem)
 
 
 def is_unstructured(method: str) -> bool:
