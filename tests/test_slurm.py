@@ -147,6 +147,10 @@ def test_time_limit_requeues_until_done_and_a_spent_timeout_count_fails_clearly(
           "the job allowed no timeout to fail", strict / "r", timeout=900)
     failed = _state(strict / "r", "search")
     assert "time limit" in failed["reason"] and "cluster.max_timeouts=0" in failed["reason"], failed
+    # stage=status believes SLURM's queue while the job is live there (its process may still be exiting)
+    strict_job = failed["job_id"]
+    _wait(slurm_cluster, lambda: slurm_cluster.squeue_states([strict_job]).get(strict_job) not in
+          ("PENDING", "RUNNING", "COMPLETING"), "SLURM to end the failed job", strict / "r", timeout=120)
     assert "failed" in _status(slurm_cluster, strict, "r")
 
     _wait(slurm_cluster, _done(patient / "r", "search"), "the time-limited search to finish", patient / "r",
