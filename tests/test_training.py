@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DENSE_ARGS, TINY, launch, read_json, run_and_kill_at_step, write_image_folder
+from conftest import DENSE_ARGS, TINY, launch, read_json, run_and_kill_at_step, run_main, write_image_folder
 
 pytestmark = pytest.mark.slow
 
@@ -156,10 +156,12 @@ def test_stage_all_then_eval_on_another_val_dir(tmp_path, beton_dir):
 
 
 def test_a_stage_the_method_lacks_says_so_in_one_line(tmp_path, beton_dir):
-    proc = launch(["stage=search", "method=dense", f"runs_dir={tmp_path}", f"data.beton_dir={beton_dir}", *TINY])
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: method=dense has no search stage"]
-    proc = launch(["stage=search", "method=vpns", f"runs_dir={tmp_path}", f"data.beton_dir={beton_dir}", *TINY])
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert len(errors) == 1 and "needs a trained dense network" in errors[0], proc.stderr[-1500:]
+    code, _, err = run_main(["stage=search", "method=dense", f"runs_dir={tmp_path}", f"data.beton_dir={beton_dir}",
+                             *TINY])
+    assert code == 2
+    assert err.strip().splitlines() == ["error: method=dense has no search stage"], err
+    code, _, err = run_main(["stage=search", "method=vpns", f"runs_dir={tmp_path}", f"data.beton_dir={beton_dir}",
+                             *TINY])
+    errors = [l for l in err.splitlines() if l.startswith("error: ")]
+    assert code == 2 and "Traceback" not in err
+    assert len(errors) == 1 and "needs a trained dense network" in errors[0], err[-1500:]
