@@ -61,7 +61,7 @@ class StageJob:
             if main:
                 first = (str(e).strip().splitlines() or [""])[0][:300]
                 reason = f"{type(e).__name__}: {first}"
-                if STOP.requested and type(e).__name__ == "UncompletedJobError":
+                if STOP.requested and isinstance(e, submitit.core.utils.UncompletedJobError):
                     # The signal came outside a training step and submitit, handed it after the grace period,
                     # refused to requeue: only time limits are counted (cluster.max_timeouts).
                     reason = self._not_requeued("time limit before a training step", e, "the last checkpoint")

@@ -42,13 +42,13 @@ def _finished_note(cfg) -> str | None:
     from trainer.plan import plan, pruning_method_problem
     from trainer.run_dir import RunDir
 
-    if cfg.stage == "eval" or cfg.resume == "never":  # eval always runs; resume=never starts a new run
+    if cfg.resume == "never":  # starts a new run
         return None
     stages = plan(cfg)
     if any(stage in ("search", "finetune") and pruning_method_problem(cfg.method.name, stage) for stage in stages):
         return None  # the runner raises StageNotImplemented
     run = RunDir(cfg.runs_dir, cfg.run)
-    if not (run.root / "config.yaml").exists() or not all(run.is_done(stage) for stage in stages):
+    if not (run.root / "config.yaml").exists() or not run.nothing_to_do(cfg.stage, stages):
         return None  # the runner writes config.yaml / has stages to run
     return run.finished_note(stages, "nothing to do")
 

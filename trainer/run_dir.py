@@ -64,6 +64,10 @@ class RunDir:
     def is_done(self, stage: str) -> bool:
         return (self.result(stage) / "summary.json").exists()
 
+    def nothing_to_do(self, stage: str, stages: list[str]) -> bool:
+        """Whether `stage=<stage>`, planned as `stages`, has nothing left to run (eval always runs again)."""
+        return stage != "eval" and all(self.is_done(s) for s in stages)
+
     def summary(self, stage: str) -> dict:
         return json.loads((self.result(stage) / "summary.json").read_text())
 

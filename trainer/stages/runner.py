@@ -56,7 +56,7 @@ def run_stages(cfg: DictConfig, stages: list[str] | None = None) -> dict:
             run.write_config(cfg)
         engine.barrier()
         ctx = StageContext(cfg, engine, run)
-        if cfg.stage != "eval" and all(run.is_done(stage) for stage in stages):
+        if run.nothing_to_do(cfg.stage, stages):
             ctx.say(run.finished_note(stages, "nothing to do"))
             return run.summary(stages[-1])
         ctx.say(f"run '{cfg.run}' in {run.root}")
