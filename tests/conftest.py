@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture for the slurm-marked tests)
 
@@ -45,10 +46,60 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# pytest-xdist (pyproject: -n 2 --dist loadgroup) runs the suite on two workers. Tests of one group run on one
+# worker, in this order: the SLURM tests share one cluster (a session fixture of the worker that runs them),
+# the DeepSpeed tests their module's reference runs. Groups and slow tests go first, longest first, so the
+# workers finish together; the SLURM time-limit test, mostly waiting on the scheduler, leads its group.
+XDIST_GROUPS = {"test_slurm.py": "slurm", "test_slurm_cluster.py": "slurm", "test_deepspeed.py": "deepspeed"}
+FIRST_IN_GROUP = ("test_time_limit_requeues",)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        group = XDIST_GROUPS.get(item.path.name)
+        first = any(item.name.startswith(name) for name in FIRST_IN_GROUP)
+        return (group != "slurm", group != "deepspeed", not first, item.get_closest_marker("slow") is None)
+
+    for item in items:
+        group = XDIST_GROUPS.get(item.path.name)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=rank)  # stable: file order within each rank
+
+
+def shared_root(tmp_path_factory) -> Path:
+    """The session's folder for what every pytest-xdist worker shares: the workers' common parent folder
+    (each worker's own basetemp is <session>/popen-gwN), or this process's basetemp without xdist."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def build_once(tmp_path_factory, name: str, build) -> tuple[Path, str]:
+    """`build(folder)` once per session, whichever worker asks first: the others wait on a file lock and
+    read its folder and the stdout it returned. A failed build fails every test that asks for it, with
+    the first failure's message, instead of being retried by each worker."""
+    folder = shared_root(tmp_path_factory) / name
+    stdout, failed = folder.with_name(f"{name}.stdout"), folder.with_name(f"{name}.failed")
+    with FileLock(f"{folder}.lock"):
+        if failed.exists():
+            pytest.fail(f"the shared {name!r} failed (in another test):\n{failed.read_text()}")
+        if not stdout.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                out = build(folder)
+            except BaseException as e:
+                failed.write_text(f"{type(e).__name__}: {str(e)[-6000:]}")
+                raise
+            stdout.write_text(out or "")
+    return folder, stdout.read_text()
+
+
 @pytest.fixture(scope="session")
 def beton_dir(tmp_path_factory) -> Path:
-    """One beton cache for the whole session, so each dataset is written once."""
-    return tmp_path_factory.mktemp("betons")
+    """One beton cache for the whole session (all workers), so each dataset is written once."""
+    folder = shared_root(tmp_path_factory) / "betons"
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 # Seconds slept after every optimizer step where a test must land a kill, a signal, a cancel or a time
@@ -75,14 +126,33 @@ def launch(args: list[str], *, timeout: float = 600, env=None, torchrun: int = 0
 
 
 def run_main(argv: list[str]) -> tuple[int, str, str]:
-    """The launcher's main(argv) in this process: (exit code, stdout, stderr). For errors and quick
-    commands, where starting an interpreter would only cost time; `launch` runs the real command line."""
+    """The launcher's main(argv) in this process: (exit code, stdout, stderr). For errors, quick commands and
+    runs whose command line is not what a test checks, where starting an interpreter (about 10 s of imports
+    here) would only cost time; `launch` runs the real command line. One intra-op thread, as `child_env`
+    gives a launched process: the same computation bit for bit as a launched run of the same command."""
+    import torch
+
     from slurm.launch import main
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in argv])
+    except BaseException:
+        print(out.getvalue()[-3000:], err.getvalue()[-3000:], sep="\n", file=sys.stderr)  # pytest shows it
+        raise
+    finally:
+        torch.set_num_threads(threads)
     return code, out.getvalue(), err.getvalue()
+
+
+def run_here(argv: list[str]) -> str:
+    """run_main that must succeed: its stdout."""
+    code, out, err = run_main(argv)
+    assert code == 0, out[-2000:] + err[-3000:]
+    return out
 
 
 def reached_step(metrics: Path, step: int) -> bool:
@@ -125,11 +195,9 @@ def write_image_folder(root: Path, per_class: int, num_classes: int = 3, size: i
     return root
 
 
-def train_dense(runs: Path, args: list[str]) -> Path:
-    """Run stage=dense once into `runs` (run 'r'); tests then copy it with copy_dense."""
-    out = launch([*args, "stage=dense", "dense.epochs=2"])
-    assert out.returncode == 0, out.stderr[-2000:]
-    return runs
+def train_dense(runs: Path, args: list[str]) -> str:
+    """Run stage=dense (2 epochs) once into `runs` (run 'r'); tests then copy it with copy_dense."""
+    return run_here([*args, "stage=dense", "dense.epochs=2"])
 
 
 # The session's dense network: every test that prunes "a trained dense network" copies this one.
@@ -142,8 +210,9 @@ DENSE_ARGS = ["method=pass", "run=r", *TINY, "log.every_steps=1"]
 @pytest.fixture(scope="session")
 def dense_run(tmp_path_factory, beton_dir) -> Path:
     """A runs directory whose run 'r' holds the finished dense stage (2 epochs of TINY)."""
-    runs = tmp_path_factory.mktemp("dense")
-    return train_dense(runs, [f"runs_dir={runs}", f"data.beton_dir={beton_dir}", *DENSE_ARGS])
+    runs, _ = build_once(tmp_path_factory, "dense",
+                         lambda runs: train_dense(runs, [f"runs_dir={runs}", f"data.beton_dir={beton_dir}", *DENSE_ARGS]))
+    return runs
 
 
 def copy_dense(dense_runs: Path, tmp_path: Path) -> Path:
@@ -179,54 +248,67 @@ class SharedRun:
         return self.runs / "r"
 
 
-def _shared(args: list[str], **kwargs) -> str:
+def _launched(args: list[str], **kwargs) -> str:
     out = launch(args, **kwargs)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     return out.stdout
+
+
+def _shared_from_dense(tmp_path_factory, dense_run: Path, name: str, make_args, *, torchrun: int = 0) -> SharedRun:
+    """A session-wide run that continues a copy of the shared dense network: `make_args(runs)` is its
+    command line, run in-process (or under torchrun with `torchrun` processes)."""
+    def build(folder: Path) -> str:
+        runs = copy_dense(dense_run, folder)
+        if torchrun:
+            return _launched(make_args(runs), torchrun=torchrun, timeout=900)
+        return run_here(make_args(runs))
+    folder, stdout = build_once(tmp_path_factory, name, build)
+    return SharedRun(folder / "runs", stdout, make_args(folder / "runs"))
 
 
 @pytest.fixture(scope="session")
 def pass_run(dense_run, tmp_path_factory, beton_dir) -> SharedRun:
     """PASS stage=all on the shared dense network, logged every step, checkpointed every 3 steps. The
     reference that killed, signalled, preempted and SLURM searches of the same settings must reproduce."""
-    runs = copy_dense(dense_run, tmp_path_factory.mktemp("pass"))
-    return SharedRun(runs, _shared(pass_args(runs, beton_dir, "stage=all", "log.every_steps=1",
-                                             "checkpoint.every_steps=3")))
+    return _shared_from_dense(tmp_path_factory, dense_run, "pass", lambda runs: pass_args(
+        runs, beton_dir, "stage=all", "log.every_steps=1", "checkpoint.every_steps=3"))
 
 
 @pytest.fixture(scope="session")
 def pass_search_2proc(dense_run, tmp_path_factory, beton_dir) -> SharedRun:
     """The PASS search of `pass_run`'s settings on two processes (torchrun, gloo)."""
-    runs = copy_dense(dense_run, tmp_path_factory.mktemp("pass2"))
-    return SharedRun(runs, _shared(pass_args(runs, beton_dir, "stage=search", "log.every_steps=1"), torchrun=2,
-                                   timeout=900))
+    return _shared_from_dense(tmp_path_factory, dense_run, "pass2", lambda runs: pass_args(
+        runs, beton_dir, "stage=search", "log.every_steps=1"), torchrun=2)
 
 
 @pytest.fixture(scope="session")
 def vpns_run(dense_run, tmp_path_factory, beton_dir) -> SharedRun:
     """VPNs stage=all on the shared dense network; a finetune of 2 epochs keeping a checkpoint every 4 steps."""
-    runs = copy_dense(dense_run, tmp_path_factory.mktemp("vpns"))
-    return SharedRun(runs, _shared(vpns_args(runs, beton_dir, "stage=all", "finetune.epochs=2",
-                                             "checkpoint.every_steps=4", "checkpoint.keep=20")))
+    return _shared_from_dense(tmp_path_factory, dense_run, "vpns", lambda runs: vpns_args(
+        runs, beton_dir, "stage=all", "finetune.epochs=2", "checkpoint.every_steps=4", "checkpoint.keep=20"))
 
 
-def _baseline_sweep(root: Path, dense_run: Path, beton_dir, make_args, methods: str, *extra) -> SharedRun:
-    """One local stage=all sweep over baseline methods, pruning the shared dense network's weights."""
+def _baseline_sweep(tmp_path_factory, name: str, dense_run: Path, beton_dir, make_args, methods: str,
+                    *extra) -> SharedRun:
+    """One local stage=all sweep (in-process) over baseline methods, pruning the shared dense network's weights."""
     weights = dense_run / "r" / "dense" / "result" / "model.pt"
-    args = ["-m", f"method={methods}", *make_args(root, beton_dir, "stage=all", f"model.weights={weights}", *extra)]
-    args = [a for a in args if a != "run=r"] + ["run=sw"]
-    return SharedRun(root, _shared(args, timeout=1200), args)
+
+    def sweep_args(root: Path) -> list[str]:
+        args = ["-m", f"method={methods}", *make_args(root, beton_dir, "stage=all", f"model.weights={weights}", *extra)]
+        return [a for a in args if a != "run=r"] + ["run=sw"]
+    root, stdout = build_once(tmp_path_factory, name, lambda root: run_here(sweep_args(root)))
+    return SharedRun(root, stdout, sweep_args(root))
 
 
 @pytest.fixture(scope="session")
 def structured_sweep(dense_run, tmp_path_factory, beton_dir) -> SharedRun:
     """l1, random and uniform at 40% of the FLOPs: runs/sw/method-<m>/ (and the command, in `args`)."""
-    return _baseline_sweep(tmp_path_factory.mktemp("structured"), dense_run, beton_dir, pass_args,
+    return _baseline_sweep(tmp_path_factory, "structured", dense_run, beton_dir, pass_args,
                            "l1,random,uniform", "pruning.flops_ratio=0.4")
 
 
 @pytest.fixture(scope="session")
 def unstructured_sweep(dense_run, tmp_path_factory, beton_dir) -> SharedRun:
     """omp, hydra and random_unstructured at density 0.3: runs/sw/method-<m>/."""
-    return _baseline_sweep(tmp_path_factory.mktemp("unstructured"), dense_run, beton_dir, vpns_args,
+    return _baseline_sweep(tmp_path_factory, "unstructured", dense_run, beton_dir, vpns_args,
                            "omp,hydra,random_unstructured", "pruning.density=0.3")
