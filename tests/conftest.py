@@ -148,6 +148,12 @@ def run_main(argv: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def launch_here(args: list[str]) -> subprocess.CompletedProcess:
+    """`launch` in this process (run_main), for a run whose command line is not what the test checks."""
+    code, out, err = run_main(args)
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
 def run_here(argv: list[str]) -> str:
     """run_main that must succeed: its stdout."""
     code, out, err = run_main(argv)

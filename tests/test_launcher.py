@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from conftest import (LAUNCH, REPO, STEP_DELAY_ENV, TINY, child_env, copy_dense, launch, pass_args, reached_step,
-                      read_json, run_main)
+from conftest import (LAUNCH, REPO, STEP_DELAY_ENV, TINY, child_env, copy_dense, launch, launch_here, pass_args,
+                      reached_step, read_json, run_main)
 from slurm.submit import job_groups
 from slurm.sweep import expand, point_name, split_axes
 from trainer.config import ConfigError, load_config
@@ -110,7 +110,7 @@ def test_stop_signal_checkpoints_at_the_next_step_and_the_run_resumes_exactly(de
     assert 4 <= step < 10  # mid-epoch 1, not at an epoch end
     assert (runs / "r/search/checkpoints/last.pt").exists()
 
-    resumed = launch(pass_args(runs, beton_dir, *extra))
+    resumed = launch_here(pass_args(runs, beton_dir, *extra))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"(step {step})" in next(line for line in resumed.stdout.splitlines() if "resumed from" in line)
     a, b = read_json(whole / "r/search/result/structure.json"), read_json(runs / "r/search/result/structure.json")

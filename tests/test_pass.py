@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import (REPO, child_env, copy_dense, launch, pass_args, read_json, run_and_kill_at_step,
+from conftest import (REPO, child_env, copy_dense, launch_here, pass_args, read_json, run_and_kill_at_step,
                       run_main)
 
 pytestmark = pytest.mark.slow
@@ -112,7 +112,7 @@ def test_search_resumes_after_sigkill_with_the_same_decision(dense_run, pass_run
     runs = copy_dense(dense_run, tmp_path / "b")
     # kill inside epoch 2 (10 steps per epoch)
     run_and_kill_at_step(pass_args(runs, beton_dir, *extra), runs / "r" / "search" / "metrics.jsonl", 13)
-    resumed = launch(pass_args(runs, beton_dir, *extra))
+    resumed = launch_here(pass_args(runs, beton_dir, *extra))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert any("resumed from" in l and "epoch 2" in l for l in resumed.stdout.splitlines()), resumed.stdout
     a = read_json(whole / "r/search/result/structure.json")
@@ -139,8 +139,8 @@ def test_impossible_budget_is_a_one_line_error(dense_run, tmp_path, beton_dir):
 
 def test_vit_pipeline_prunes_heads_and_rebuilds(tmp_path, beton_dir):
     """stage=all on the small ViT: heads and MLP units are pruned, the product rebuilds for eval."""
-    out = launch(pass_args(tmp_path, beton_dir, "stage=all", "model=vit_tiny", "dense.epochs=1",
-                       "pruning.flops_ratio=0.4"), timeout=900)
+    out = launch_here(pass_args(tmp_path, beton_dir, "stage=all", "model=vit_tiny", "dense.epochs=1",
+                                "pruning.flops_ratio=0.4"))
     assert out.returncode == 0, out.stderr[-2000:]
     search = read_json(tmp_path / "r/search/result/summary.json")
     assert search["mask_channels_changed"] > 0

@@ -9,7 +9,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from conftest import TINY, launch, read_json, run_main
+from conftest import TINY, build_once, launch, launch_here, read_json, run_here, run_main
 
 pytestmark = pytest.mark.slow
 
@@ -21,13 +21,13 @@ SHORT = ["dense.epochs=1", "search.epochs=1", "search.lr=0.01", "pass.prompt_lr=
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, beton_dir):
-    """A 2x2 stage=all sweep (two methods, two FLOPs ratios), logged to TensorBoard too."""
-    runs = tmp_path_factory.mktemp("report") / "runs"
-    args = ["-m", "method=pass,l1", "pruning.flops_ratio=0.3,0.6", "run=sw", f"runs_dir={runs}",
-            f"data.beton_dir={beton_dir}", "logger=tensorboard", *TINY, *SHORT]
-    out = launch(args, timeout=1200)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return runs / "sw", args, out.stdout
+    """A 2x2 stage=all sweep (two methods, two FLOPs ratios), logged to TensorBoard too; in-process, once
+    for the session (conftest.build_once: whichever worker asks first)."""
+    def args(runs):
+        return ["-m", "method=pass,l1", "pruning.flops_ratio=0.3,0.6", "run=sw", f"runs_dir={runs}",
+                f"data.beton_dir={beton_dir}", "logger=tensorboard", *TINY, *SHORT]
+    folder, stdout = build_once(tmp_path_factory, "report", lambda folder: run_here(args(folder / "runs")))
+    return folder / "runs" / "sw", args(folder / "runs"), stdout
 
 
 def _table_rows(report: str) -> list[list[str]]:
@@ -46,7 +46,7 @@ def test_sweep_points_prune_one_shared_dense_network(sweep):
         search = read_json(root / point / "search/result/summary.json")
         assert search["dense_source"] == str(dense_product)
         assert read_json(root / point / "finetune/result/summary.json")["top1_dense"] == dense_top1
-    status = launch(["stage=status", "run=sw", f"runs_dir={root.parent}"])
+    status = launch_here(["stage=status", "run=sw", f"runs_dir={root.parent}"])
     assert "sharing 1 dense run(s)" in status.stdout and "5 done" in status.stdout, status.stdout + status.stderr
     code, again, err = run_main(args)
     assert code == 0 and again.count("nothing to do") == 5, again[-2000:] + err

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DENSE_ARGS, TINY, launch, read_json, run_and_kill_at_step, run_main, write_image_folder
+from conftest import (DENSE_ARGS, TINY, launch, launch_here, read_json, run_and_kill_at_step, run_main,
+                      write_image_folder)
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, beton_dir, den
     run_and_kill_at_step(args, runs / "r" / "dense" / "metrics.jsonl", 13)
     assert not (runs / "r" / "dense" / "result").exists()
 
-    resumed = launch(args)
+    resumed = launch_here(args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     line = next(l for l in resumed.stdout.splitlines() if "resumed from" in l)
     batch = int(line.split("batch ")[1].split()[0])
@@ -97,7 +98,7 @@ def test_two_process_ddp_matches_single_process(tmp_path, beton_dir):
 
     extra = ["dense.epochs=4", "dense.lr=0.02", "data.synthetic_train_size=1280", "data.synthetic_val_size=385",
              "data.augment=false", "log.every_steps=1", "engine.device=cpu"]  # 385 = 193 + 192: 7 and 6 val batches
-    one = launch(_dense_args(tmp_path / "one", beton_dir, *extra, "engine.grad_accum_steps=2"))
+    one = launch_here(_dense_args(tmp_path / "one", beton_dir, *extra, "engine.grad_accum_steps=2"))
     assert one.returncode == 0, one.stderr[-2000:]
     two = launch(_dense_args(tmp_path / "two", beton_dir, *extra), torchrun=2)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -131,7 +132,7 @@ def test_stage_all_then_eval_on_another_val_dir(tmp_path, beton_dir):
     runs = tmp_path / "runs"
     args = ["stage=all", "method=dense", "run=r", f"runs_dir={runs}", f"data.beton_dir={beton_dir}", *TINY,
             "dense.epochs=1"]
-    first = launch(args)
+    first = launch_here(args)
     assert first.returncode == 0, first.stderr[-2000:]
     summary = read_json(runs / "r/dense/result/summary.json")
     for key in ("stage", "method", "model", "top1", "top5", "epochs", "images_per_second", "wall_seconds",
@@ -140,7 +141,7 @@ def test_stage_all_then_eval_on_another_val_dir(tmp_path, beton_dir):
     assert summary["flops"] == 37016576 // 1 and summary["params"] == 11181642  # resnet18, 10 classes, 32 px
     assert (runs / "r/eval/summary.json").exists() and (runs / "r/config.yaml").exists()
 
-    again = launch(args)  # a finished run is a no-op that says so
+    again = launch_here(args)  # a finished run is a no-op that says so
     assert again.returncode == 0 and "is finished (dense, eval done); nothing to do" in again.stdout, again.stdout
 
     # Evaluate on an ImageFolder tree whose folders are the synthetic class names.
@@ -149,7 +150,7 @@ def test_stage_all_then_eval_on_another_val_dir(tmp_path, beton_dir):
     tree = write_image_folder(tmp_path / "tree", per_class=3, num_classes=10, seed=5)
     for i, name in enumerate(classes):
         (tree / f"class_{i}").rename(tree / name)
-    ev = launch(["stage=eval", "run=r", f"runs_dir={runs}", f"data.val_dir={tree}", f"data.beton_dir={beton_dir}"])
+    ev = launch_here(["stage=eval", "run=r", f"runs_dir={runs}", f"data.val_dir={tree}", f"data.beton_dir={beton_dir}"])
     assert ev.returncode == 0, ev.stderr[-2000:]
     result = read_json(runs / "r/eval/summary.json")
     assert result["num_images"] == 30 and result["val_source"] == str(tree) and result["product"] == "dense"

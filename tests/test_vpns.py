@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from conftest import child_env, copy_dense, launch, read_json, run_and_kill_at_step, run_main, vpns_args
+from conftest import (child_env, copy_dense, launch, launch_here, read_json, run_and_kill_at_step, run_main,
+                      vpns_args)
 
 pytestmark = pytest.mark.slow
 
@@ -100,7 +101,7 @@ def test_search_resumes_after_sigkill_with_the_same_masks(dense_run, vpns_run, t
     whole = vpns_run.runs
     runs = copy_dense(dense_run, tmp_path / "b")
     run_and_kill_at_step(vpns_args(runs, beton_dir, *extra), runs / "r" / "search" / "metrics.jsonl", 13)
-    resumed = launch(vpns_args(runs, beton_dir, *extra))
+    resumed = launch_here(vpns_args(runs, beton_dir, *extra))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert any("resumed from" in l and "epoch 2" in l for l in resumed.stdout.splitlines()), resumed.stdout
     a = torch.load(whole / "r/search/result/masks.pt", weights_only=True)
@@ -195,7 +196,7 @@ def test_label_mapping_reuses_a_larger_classifier(dense_run, tmp_path, beton_dir
     wide["fc.weight"], wide["fc.bias"] = weight, bias
     path = tmp_path / "wide.pt"
     torch.save(wide, path)
-    out = launch(vpns_args(tmp_path / "runs", beton_dir, "stage=search", f"model.weights={path}", "head=map",
+    out = launch_here(vpns_args(tmp_path / "runs", beton_dir, "stage=search", f"model.weights={path}", "head=map",
                            "search.epochs=0"))
     assert out.returncode == 0, out.stderr[-2000:]
     summary = read_json(tmp_path / "runs/r/search/result/summary.json")
