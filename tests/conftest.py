@@ -46,24 +46,39 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-# pytest-xdist (pyproject: -n 2 --dist loadgroup) runs the suite on two workers. Tests of one group run on one
-# worker, in this order: the SLURM tests share one cluster (a session fixture of the worker that runs them),
-# the DeepSpeed tests their module's reference runs. Groups and slow tests go first, longest first, so the
-# workers finish together; the SLURM time-limit test, mostly waiting on the scheduler, leads its group.
+# pytest-xdist (pyproject: -n 2) runs the suite on two workers. The tests of one group run on one worker,
+# one after another: the SLURM tests share one cluster (a session fixture of the worker that runs them), the
+# DeepSpeed tests their module's reference runs; every other test is a unit of its own. (xdist's own
+# `--dist loadgroup` renames node ids, which pytest 9 no longer allows: the groups are made here.) xdist
+# hands out the units with the most tests first, so each worker starts on a group; the rest follow in the
+# order below, slow tests first, so the workers finish together. The SLURM time-limit test, mostly waiting
+# on the scheduler, leads its group.
 XDIST_GROUPS = {"test_slurm.py": "slurm", "test_slurm_cluster.py": "slurm", "test_deepspeed.py": "deepspeed"}
 FIRST_IN_GROUP = ("test_time_limit_requeues",)
 
 
+def _group(nodeid: str) -> str | None:
+    return XDIST_GROUPS.get(nodeid.split("::")[0].rsplit("/", 1)[-1])
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid) or nodeid
+
+    return GroupScheduling(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     def rank(item):
-        group = XDIST_GROUPS.get(item.path.name)
+        group = _group(item.nodeid)
         first = any(item.name.startswith(name) for name in FIRST_IN_GROUP)
-        return (group != "slurm", group != "deepspeed", not first, item.get_closest_marker("slow") is None)
+        return (group is None, not first, item.get_closest_marker("slow") is None)
 
-    for item in items:
-        group = XDIST_GROUPS.get(item.path.name)
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
     items.sort(key=rank)  # stable: file order within each rank
 
 
