@@ -46,19 +46,34 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-# pytest-xdist (pyproject: -n 2) runs the suite on two workers. The tests of one group run on one worker,
-# one after another: the SLURM tests share one cluster (a session fixture of the worker that runs them), the
-# DeepSpeed tests their module's reference runs; every other test is a unit of its own. (xdist's own
-# `--dist loadgroup` renames node ids, which pytest 9 no longer allows: the groups are made here.) xdist
-# hands out the units with the most tests first, so each worker starts on a group; the rest follow in the
-# order below, slow tests first, so the workers finish together. The SLURM time-limit test, mostly waiting
-# on the scheduler, leads its group.
-XDIST_GROUPS = {"test_slurm.py": "slurm", "test_slurm_cluster.py": "slurm", "test_deepspeed.py": "deepspeed"}
-FIRST_IN_GROUP = ("test_time_limit_requeues",)
+# pytest-xdist (pyproject: -n 2) runs the suite on two workers. The tests of one group run on one worker, one
+# after another: the SLURM tests share one cluster (a session fixture of the worker that runs them), the
+# DeepSpeed tests their module's reference runs, and the readers of one shared run go together, so that the
+# other worker trains something else instead of waiting for that run to be built. Every other test is a
+# unit of its own. (xdist's own `--dist loadgroup` renames node ids, which pytest 9 ignores: the groups are
+# made here.) xdist hands out the units with the most tests first, so each worker starts on a group; the rest
+# follow in the order below, slow tests first. The SLURM group starts with the cluster's own tests, which
+# need no trained network (the other worker trains `dense_run` meanwhile), then the time-limit test, which
+# mostly waits on the scheduler.
+XDIST_GROUPS = {
+    "test_slurm.py": "slurm", "test_slurm_cluster.py": "slurm", "test_deepspeed.py": "deepspeed",
+    "test_report.py": "report",                                               # test_report.py::sweep
+    "test_vpns.py::test_unstructured_baselines": "unstructured",              # unstructured_sweep
+    "test_pass.py::test_structured_baselines": "structured",                  # structured_sweep
+    "test_launcher.py::test_local_sweep": "structured",
+    "test_vpns.py::test_search_trains_only": "vpns",                          # vpns_run
+    "test_vpns.py::test_finetune_keeps": "vpns",
+    "test_vpns.py::test_export_loads": "vpns",
+    "test_vpns.py::test_search_resumes_after_sigkill": "vpns",
+}
+FIRST_IN_GROUP = ("test_slurm_cluster.py::", "test_time_limit_requeues")
 
 
 def _group(nodeid: str) -> str | None:
-    return XDIST_GROUPS.get(nodeid.split("::")[0].rsplit("/", 1)[-1])
+    path, _, name = nodeid.partition("::")
+    file = path.rsplit("/", 1)[-1]
+    return next((group for key, group in XDIST_GROUPS.items()
+                 if key == file or ("::" in key and f"{file}::{name}".startswith(key))), None)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -75,9 +90,9 @@ def pytest_xdist_make_scheduler(config, log):
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     def rank(item):
-        group = _group(item.nodeid)
-        first = any(item.name.startswith(name) for name in FIRST_IN_GROUP)
-        return (group is None, not first, item.get_closest_marker("slow") is None)
+        first = [i for i, key in enumerate(FIRST_IN_GROUP) if key in item.nodeid]
+        return (_group(item.nodeid) is None, first[0] if first else len(FIRST_IN_GROUP),
+                item.get_closest_marker("slow") is None)
 
     items.sort(key=rank)  # stable: file order within each rank
 
