@@ -32,7 +32,8 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 # A small synthetic problem that trains in seconds on 2 CPU cores.
 TINY = ["data.synthetic_train_size=640", "data.synthetic_val_size=200", "data.synthetic_image_size=32",
-        "data.res=32", "data.batch_size=64", "data.num_workers=1", "log.progress=false"]
+        "data.res=32", "data.batch_size=64", "data.num_workers=1", "log.progress=false",
+        "data.jit=false"]  # FFCV uncompiled: the same batches (test_data), without ~8 s of numba per loader
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,22 @@ def test_augmentation_is_reproducible_and_resumable(synthetic_files):
     assert first[0][0].dtype == torch.uint8 and first[0][0].shape == (32, 3, 32, 32)
 
 
+def test_uncompiled_pipeline_gives_the_compiled_batches(synthetic_files):
+    """data.jit=false (the tests' setting) decodes in plain Python: the same pixels, labels and order as
+    numba's compiled pipeline, augmentation and evaluation crop alike, and two epochs with a resume."""
+    def batches(jit):
+        train = TrainLoader(synthetic_files.train, res=32, batch_size=64, num_workers=2, seed=3, device=CPU,
+                            min_crop_scale=0.35, jit=jit)
+        val = val_loader(synthetic_files.val, res=32, batch_size=64, num_workers=1, device=CPU, rank=0,
+                         world_size=1, jit=jit)
+        return [*_epoch(train, 0), *_epoch(train, 1, skip=3), *[(x.clone(), y.clone(), i.clone()) for x, y, i in val]]
+
+    compiled, plain = batches(True), batches(False)
+    assert len(compiled) == len(plain) == 10 + 7 + 4
+    for k, (a, b) in enumerate(zip(compiled, plain)):
+        assert all(torch.equal(u, v) for u, v in zip(a, b)), f"batch {k} differs"
+
+
 def test_val_shards_cover_every_record_once(synthetic_files):
     seen = []
     for rank in range(3):

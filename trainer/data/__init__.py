@@ -1,4 +1,5 @@
 """Data: the synthetic default set, ImageFolder trees, FFCV .beton writing and loaders."""
+from . import ffcv_import  # noqa: F401  (first: FFCV without its import-time numba compile)
 from .imagefolder import DataError, scan_image_folder, split_per_class
 from .loaders import TrainLoader, val_loader
 from .prepare import DataFiles, prepare_data, prepare_eval_data

@@ -7,6 +7,7 @@ int64 labels on the device, and the records' indices on the CPU.
 from __future__ import annotations
 
 import queue
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
+from ffcv.pipeline.compiler import Compiler
 from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
 from .augment import SeededHorizontalFlip, SeededRandomResizedCrop
@@ -95,6 +97,25 @@ def _kept(loader: Loader) -> Loader:
     return loader
 
 
+@contextmanager
+def _compiled(jit: bool):
+    """FFCV compiles (or not) the pipeline of a Loader built inside this block.
+
+    FFCV wraps each pipeline stage with numba when the Loader is built, after a
+    process-wide switch. Compiling costs about 8 s per loader (a new loader,
+    e.g. each stage's, compiles again) and pays off on large data: decoding
+    runs in GIL-free threads. Uncompiled, the same functions run in Python and
+    give the same batches (tests/test_data.py checks it): no compile at all,
+    which is what tiny images want.
+    """
+    before = Compiler.is_enabled
+    Compiler.set_enabled(jit)
+    try:
+        yield
+    finally:
+        Compiler.set_enabled(before)
+
+
 class _Guarded:
     """An FFCV loader whose iterators fail loudly (see _fail_loudly)."""
 
@@ -117,21 +138,22 @@ class TrainLoader:
 
     def __init__(self, path: Path, *, res: int, batch_size: int, num_workers: int, seed: int,
                  device: torch.device, rank: int = 0, world_size: int = 1, min_crop_scale: float = 0.08,
-                 augment: bool = True, crop_ratio: float = 0.875, channels_last: bool = False):
+                 augment: bool = True, crop_ratio: float = 0.875, channels_last: bool = False, jit: bool = True):
         self.batch_size = batch_size
         if augment:
             decode = [SeededRandomResizedCrop((res, res), seed, scale=(min_crop_scale, 1.0)), SeededHorizontalFlip(seed)]
         else:
             decode = [CenterCropRGBImageDecoder((res, res), ratio=crop_ratio)]
-        self.loader = _kept(Loader(
-            str(path), batch_size=batch_size, num_workers=num_workers,
-            order=OrderOption.RANDOM, seed=seed, distributed=world_size > 1, drop_last=True,
-            os_cache=True,
-            pipelines={
-                "image": [*decode, *_image_tail(device, channels_last)],
-                "label": _label_pipeline(device),
-                "index": _index_pipeline(),
-            }))
+        with _compiled(jit):
+            self.loader = _kept(Loader(
+                str(path), batch_size=batch_size, num_workers=num_workers,
+                order=OrderOption.RANDOM, seed=seed, distributed=world_size > 1, drop_last=True,
+                os_cache=True,
+                pipelines={
+                    "image": [*decode, *_image_tail(device, channels_last)],
+                    "label": _label_pipeline(device),
+                    "index": _index_pipeline(),
+                }))
         # Replaces FFCV's order object (same distributed order; see ResumableOrder).
         self.order = ResumableOrder(self.loader.reader.num_samples, batch_size, seed, rank, world_size)
         self.loader.traversal_order = self.order
@@ -149,7 +171,7 @@ class TrainLoader:
 
 def val_loader(path: Path, *, res: int, batch_size: int, num_workers: int, device: torch.device,
                rank: int, world_size: int, crop_ratio: float = 0.875,
-               channels_last: bool = False) -> _Guarded:
+               channels_last: bool = False, jit: bool = True) -> _Guarded:
     """Center-crop evaluation over this rank's share of the records.
 
     The shares are disjoint strides of the file, not FFCV's distributed
@@ -159,11 +181,12 @@ def val_loader(path: Path, *, res: int, batch_size: int, num_workers: int, devic
     from ffcv.reader import Reader  # only to learn the record count
     num = Reader(str(path)).num_samples
     indices = np.arange(rank, num, world_size, dtype=np.uint64)  # int64 would mix into float64 inside FFCV
-    return _Guarded(_kept(Loader(
-        str(path), batch_size=batch_size, num_workers=num_workers, order=OrderOption.SEQUENTIAL,
-        indices=indices, drop_last=False, os_cache=True,
-        pipelines={
-            "image": [CenterCropRGBImageDecoder((res, res), ratio=crop_ratio), *_image_tail(device, channels_last)],
-            "label": _label_pipeline(device),
-            "index": _index_pipeline(),
-        })))
+    with _compiled(jit):
+        return _Guarded(_kept(Loader(
+            str(path), batch_size=batch_size, num_workers=num_workers, order=OrderOption.SEQUENTIAL,
+            indices=indices, drop_last=False, os_cache=True,
+            pipelines={
+                "image": [CenterCropRGBImageDecoder((res, res), ratio=crop_ratio), *_image_tail(device, channels_last)],
+                "label": _label_pipeline(device),
+                "index": _index_pipeline(),
+            })))

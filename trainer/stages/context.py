@@ -44,14 +44,14 @@ class StageContext:
                            seed=self.cfg.seed, device=self.engine.device, rank=self.engine.rank,
                            world_size=self.engine.world_size,
                            min_crop_scale=d.min_crop_scale, augment=d.augment, crop_ratio=d.val_crop_ratio,
-                           channels_last=self.engine.channels_last)
+                           channels_last=self.engine.channels_last, jit=d.jit)
 
     def val_loader(self, files: DataFiles, path=None):
         """Center-crop, unaugmented batches of the validation split (or of the beton at `path`)."""
         d = self.cfg.data
         return val_loader(path or files.val, res=d.res, batch_size=self.per_process_batch(), num_workers=d.num_workers,
                           device=self.engine.device, rank=self.engine.rank, world_size=self.engine.world_size,
-                          crop_ratio=d.val_crop_ratio, channels_last=self.engine.channels_last)
+                          crop_ratio=d.val_crop_ratio, channels_last=self.engine.channels_last, jit=d.jit)
 
     def loss_fn(self, schedule: DictConfig):
         return torch.nn.CrossEntropyLoss(label_smoothing=schedule.label_smoothing)
