@@ -136,6 +136,7 @@ def beton_dir(tmp_path_factory) -> Path:
 # Seconds slept after every optimizer step where a test must land a kill, a signal, a cancel or a time
 # limit mid-run: the step is then long on any machine, however fast (trainer/loop.py STEP_DELAY_ENV).
 STEP_DELAY_ENV = "VP_PRUNE_TEST_STEP_DELAY_S"
+STEP_DELAY_FRESH_ONLY_ENV = "VP_PRUNE_TEST_STEP_DELAY_FRESH_ONLY"  # only a run that did not resume sleeps
 
 
 def child_env(threads: int = 1, **extra) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PASS_SEARCH, STEP_DELAY_ENV, TINY, copy_dense, launch, pass_args, read_json, reached_step
+from conftest import PASS_SEARCH, STEP_DELAY_ENV, STEP_DELAY_FRESH_ONLY_ENV, TINY, copy_dense, launch, pass_args, read_json, reached_step
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -25,10 +25,13 @@ def _args(runs, beton_dir, *extra):
     return pass_args(runs, beton_dir, "log.every_steps=1", *extra)
 
 
-def _submit(cluster, args, step_delay: float = 0) -> subprocess.CompletedProcess:
+def _submit(cluster, args, step_delay: float = 0, fresh_only: bool = False) -> subprocess.CompletedProcess:
     """Submit through the real command line. `step_delay`: seconds every training step of the jobs sleeps,
-    so that a signal, a cancel or a time limit lands mid-run however fast the machine is."""
+    so that a signal, a cancel or a time limit lands mid-run however fast the machine is; `fresh_only`: only
+    in a job that starts from scratch (a resumed one runs at full speed)."""
     env = {**cluster.env, STEP_DELAY_ENV: str(step_delay)} if step_delay else cluster.env
+    if fresh_only:
+        env = {**env, STEP_DELAY_FRESH_ONLY_ENV: "1"}
     out = launch([*CLUSTER, *args], env=env, timeout=120)  # the test's own cluster.* keys win
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     return out
@@ -133,15 +136,19 @@ def test_preempted_search_requeues_resumes_and_matches_an_uninterrupted_run(slur
 def test_time_limit_requeues_until_done_and_a_spent_timeout_count_fails_clearly(slurm_cluster, dense_run, tmp_path,
                                                                                  beton_dir):
     # A 2-minute limit with the signal asked for 30 s before it. slurmctld looks at time limits every 30 s and
-    # signals once the limit is within the warning time plus those 30 s: about 60 s into the job (seen here:
-    # with SLURM's 1-minute minimum the signal came ~22 s in, before the first training step of a job that
-    # starts under load, so no start ever made progress). Each of the search's 20 steps sleeps 3 s
-    # (STEP_DELAY_ENV): over 60 s of training, so the search cannot finish within one job on any machine, and
-    # a second job finishes it. The strict job fails clearly wherever its signal lands: in a step or before.
+    # signals once the limit is within the warning time plus those 30 s: 60 to 90 s into the job (with SLURM's
+    # 1-minute minimum the signal came ~22 s in, before the first training step of a job that starts under
+    # load, so no start ever made progress). In a job that starts from scratch each of the search's 20 steps
+    # sleeps 7 s (STEP_DELAY_ENV): 140 s of training, more than the 120 s limit, so no first job can finish
+    # on any machine, however fast, and the signal (at most 90 s in) always lands mid-search, 7 s steps
+    # leaving it 30 s to be seen. A resumed job does not sleep (STEP_DELAY_FRESH_ONLY_ENV), so the patient
+    # run's second job finishes the search; the strict one fails clearly wherever its signal lands.
     extra = ["stage=search", "checkpoint.every_steps=2", "cluster.timeout_min=2", "cluster.signal_delay_s=30"]
     patient, strict = copy_dense(dense_run, tmp_path / "patient"), copy_dense(dense_run, tmp_path / "strict")
-    _submit(slurm_cluster, [*_args(patient, beton_dir, *extra), "cluster.max_timeouts=6"], step_delay=3.0)
-    _submit(slurm_cluster, [*_args(strict, beton_dir, *extra), "cluster.max_timeouts=0"], step_delay=3.0)
+    _submit(slurm_cluster, [*_args(patient, beton_dir, *extra), "cluster.max_timeouts=6"], step_delay=7.0,
+            fresh_only=True)
+    _submit(slurm_cluster, [*_args(strict, beton_dir, *extra), "cluster.max_timeouts=0"], step_delay=7.0,
+            fresh_only=True)
 
     _wait(slurm_cluster, lambda: _state(strict / "r", "search").get("state") == "failed",
           "the job allowed no timeout to fail", strict / "r", timeout=900)

@@ -33,6 +33,9 @@ from .preemption import STOP, Preempted, stop_agreed
 # Test-only: seconds to sleep after every optimizer step, so that a kill, a preemption, a cancel or a
 # time limit lands mid-run on any machine, however fast (docs/testing.md). Sleeping changes no result.
 STEP_DELAY_ENV = "VP_PRUNE_TEST_STEP_DELAY_S"
+# Test-only: with this set, only a session that starts from scratch sleeps; a resumed one runs at full speed
+# (a first job that cannot finish before its time limit on any machine, and a requeued one that can).
+STEP_DELAY_FRESH_ONLY_ENV = "VP_PRUNE_TEST_STEP_DELAY_FRESH_ONLY"
 
 
 @dataclass
@@ -171,6 +174,8 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
 
     interactive = sys.stderr.isatty()
     step_delay = float(os.environ.get(STEP_DELAY_ENV) or 0)
+    if ckpt is not None and os.environ.get(STEP_DELAY_FRESH_ONLY_ENV):
+        step_delay = 0.0
     for epoch in range(epoch, schedule.epochs):
         model.train()
         start_batch, seen, t0 = batch, 0, time.time()
