@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from conftest import (child_env, copy_dense, launch, launch_here, read_json, run_and_kill_at_step, run_main,
-                      vpns_args)
+from conftest import (TINY, child_env, copy_dense, launch, launch_here, read_json, run_and_kill_at_step, run_here,
+                      run_main, vpns_args)
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +28,42 @@ def _backbone(state):
 
 def _is_norm_statistic(key):
     return key.endswith(("running_mean", "running_var", "num_batches_tracked"))
+
+
+def test_no_prompt_ablation_changes_only_the_prompt(dense_run, tmp_path, beton_dir):
+    """vpns.use_prompt=false keeps VPNs' global threshold and its two optimizer steps per batch (each on the
+    plain batch). The prompt starts at zero, so after one batch with the same seed both searches hold the same
+    scores, masks and norm statistics, bit for bit, and logged the same losses: only VPNs has (and moved) a
+    prompt. Its finetune has no prompt either."""
+    weights = dense_run / "r/dense/result/model.pt"
+
+    def search(name, *extra):
+        runs = tmp_path / name
+        run_here(["method=vpns", "stage=search", "run=r", f"runs_dir={runs}", f"model.weights={weights}",
+                  f"data.beton_dir={beton_dir}", *TINY, "data.synthetic_train_size=64", "search.epochs=1",
+                  "search.lr=0.01", "pruning.density=0.1", "log.every_steps=1", *extra])
+        return runs / "r/search"
+
+    vpns, ablation = search("vpns"), search("ablation", "vpns.use_prompt=false")
+    a, b = _model_state(vpns / "checkpoints/last.pt"), _model_state(ablation / "checkpoints/last.pt")
+    assert a["input_transform.program"].abs().sum() > 0 and not any(k.startswith("input_transform") for k in b)
+    assert {k for k in a if not k.startswith("input_transform")} == set(b)
+    differ = [k for k in b if not torch.equal(a[k], b[k])]
+    assert not differ, f"the ablation changed more than the prompt: {differ[:5]}"
+    masks_a, masks_b = (torch.load(d / "result/masks.pt", weights_only=True) for d in (vpns, ablation))
+    assert masks_a.keys() == masks_b.keys() and all(torch.equal(masks_a[k], masks_b[k]) for k in masks_a)
+
+    sa, sb = read_json(vpns / "result/summary.json"), read_json(ablation / "result/summary.json")
+    assert (sa["threshold"], sa["density_achieved"]) == (sb["threshold"], sb["density_achieved"]) == ("global", sb["density_achieved"])
+    assert sa["top1_prompt"] is not None and sb["top1_prompt"] is None
+    [la], [lb] = ([json.loads(r) for r in (d / "metrics.jsonl").read_text().splitlines() if '"train"' in r]
+                  for d in (vpns, ablation))
+    assert (la["loss"], la["loss_no_prompt"]) == (lb["loss"], lb["loss_plain_again"])  # two steps each, same losses
+
+    from trainer.config import load_config
+    from trainer.stages.sources import finetune_uses_prompt
+    assert finetune_uses_prompt(load_config(["method=vpns"]))
+    assert not finetune_uses_prompt(load_config(["method=vpns", "vpns.use_prompt=false"]))
 
 
 def test_search_trains_only_scores_and_prompt(vpns_run):

@@ -147,6 +147,8 @@ class PassConfig:
 class VpnsConfig:
     threshold: str = _f("global", "global: one score threshold over all scored layers; layer: the same density per layer")
     dual_step: bool = _f(True, "after the step on the prompted batch, a second step on the same batch without the prompt")
+    use_prompt: bool = _f(True, "ablation (method=vpns): false = no prompt in search and finetune, all else the same "
+                                "(threshold, optimizer steps per batch: with dual_step both see the plain batch)")
     exclude_first: bool = _f(False, "do not score (prune) the first conv / patch embedding")
     exclude_classifier: bool = _f(False, "do not score (prune) the classifier")
 

@@ -101,7 +101,9 @@ def make_prompt(cfg: DictConfig) -> PadPrompt:
 
 
 def finetune_uses_prompt(cfg: DictConfig) -> bool:
-    """finetune.prompt, except for the PASS no-prompt ablation, which has no prompt anywhere."""
+    """finetune.prompt, except for the no-prompt ablations of PASS and VPNs, which have no prompt anywhere."""
     if cfg.method.name == "pass" and not cfg["pass"].use_prompt:
+        return False
+    if cfg.method.name == "vpns" and not cfg.vpns.use_prompt:
         return False
     return bool(cfg.finetune.prompt)

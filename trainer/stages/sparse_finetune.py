@@ -24,7 +24,7 @@ from ..run_dir import write_json
 from .context import StageContext
 from .product import load_product, save_product
 from .sources import accuracy_with_and_without_prompt, finetune_uses_prompt, make_prompt, search_result
-from .sparse_search import MASKS_FILE, prompt_views, sparsity_summary
+from .sparse_search import MASKS_FILE, search_views, sparsity_summary
 
 EXPORT_FILE = "torchvision_state_dict.pt"
 
@@ -67,16 +67,16 @@ def run_sparse_finetune(ctx: StageContext) -> dict:
     torch.manual_seed(cfg.seed)
     model = engine.prepare_module(ImageClassifier(searched.backbone, prompt))  # freshly loaded: all trainable
     fixed = FixedMasks(model.backbone, masks)
-    dual = prompt is not None and cfg.vpns.dual_step
+    views = search_views(cfg, model, prompt)  # the search's steps per batch (VPNs' ablation too)
     ctx.say(f"finetune: {method} network of {cfg.model.name} at density {search['density_achieved']:.4f}, "
-            f"prompt {'on' if prompt is not None else 'off'}{', dual step' if dual else ''}")
+            f"prompt {'on' if prompt is not None else 'off'}, {len(views) if views else 1} optimizer step(s) per batch")
     val = ctx.val_loader(files)
     result = fit(engine=engine, model=model, params=list(model.parameters()), schedule=cfg.finetune,
                  train_loader=ctx.train_loader(files), val_loader=val, stage_dir=ctx.run.stage("finetune"),
                  checkpoint_cfg=cfg.checkpoint, log_cfg=cfg.log,
                  tensorboard=ctx.tensorboard, loss_fn=ctx.loss_fn(cfg.finetune),
                  resume=cfg.resume == "auto", desc="finetune",
-                 views=prompt_views(model, cfg.vpns.dual_step) if prompt is not None else None)
+                 views=views)
     fixed.remove()
     leaked = masked_nonzeros(model.backbone, masks)
     if leaked:

@@ -42,6 +42,21 @@ def prompt_views(model: ImageClassifier, dual_step: bool) -> list:
     return views
 
 
+def ablation_views(dual_step: bool) -> list | None:
+    """vpns.use_prompt=false: as many optimizer steps per batch as VPNs takes, each on the plain batch, so
+    that the ablation differs from VPNs in the prompt only (None: fit's single plain step)."""
+    return [("plain", contextlib.nullcontext), ("plain_again", contextlib.nullcontext)] if dual_step else None
+
+
+def search_views(cfg, model: ImageClassifier, prompt) -> list | None:
+    """The optimizer steps per batch of the search and finetune of the unstructured methods."""
+    if prompt is not None:
+        return prompt_views(model, cfg.vpns.dual_step)
+    if cfg.method.name == "vpns" and not cfg.vpns.use_prompt:  # the no-prompt ablation
+        return ablation_views(cfg.vpns.dual_step)
+    return None
+
+
 def sparsity_summary(backbone, masks: dict, res: int, density_target: float) -> dict:
     """Density target/achieved, per layer, and the MACs a sparse kernel could skip."""
     report = density_report(masks)
@@ -57,10 +72,10 @@ def sparsity_summary(backbone, masks: dict, res: int, density_target: float) -> 
 
 def run_sparse_search(ctx: StageContext) -> dict:
     cfg, engine = ctx.cfg, ctx.engine
-    method, density = cfg.method.name, cfg.pruning.density
+    method, density, v = cfg.method.name, cfg.pruning.density, cfg.vpns
     files = prepare_data(cfg.data, is_writer=engine.is_main, barrier=engine.barrier, log=ctx.say)
     torch.manual_seed(cfg.seed)  # same scores, head and prompt on every process and every restart
-    prompt = make_prompt(cfg) if method == "vpns" else None
+    prompt = make_prompt(cfg) if method == "vpns" and v.use_prompt else None
     backbone, source, head = backbone_with_head(ctx, files, prompt)
     ctx.say(f"search: {method} on {cfg.model.name} from {source}, target density {density}")
     val = ctx.val_loader(files)
@@ -68,7 +83,6 @@ def run_sparse_search(ctx: StageContext) -> dict:
     dense_top1 = (None if head["head"] == "new"
                   else evaluate(engine, engine.prepare_module(ImageClassifier(backbone)), val)["top1"])
 
-    v = cfg.vpns
     result = None
     if method in TRAINED_METHODS:
         for p in backbone.parameters():  # weights and norm affine frozen; the norms' statistics still update
@@ -80,15 +94,17 @@ def run_sparse_search(ctx: StageContext) -> dict:
                             exclude_classifier=v.exclude_classifier)
         model = engine.prepare_module(ImageClassifier(backbone, prompt))
         trainable = [p for p in model.parameters() if p.requires_grad]
+        views = search_views(cfg, model, prompt)
         ctx.say(f"search: {len(scores.weights)} scored layers, {scores.total():,} scored weights, "
                 f"{v.threshold} threshold, prompt {prompt.effective_parameters if prompt else 0:,} effective "
-                f"parameters, {'dual' if prompt is not None and v.dual_step else 'single'} step")
+                f"parameters, {len(views) if views else 1} optimizer step(s) per batch"
+                f"{' (no-prompt ablation)' if method == 'vpns' and not v.use_prompt else ''}")
         result = fit(engine=engine, model=model, params=trainable, schedule=cfg.search,
                      train_loader=ctx.train_loader(files), val_loader=val, stage_dir=ctx.run.stage("search"),
                      checkpoint_cfg=cfg.checkpoint, log_cfg=cfg.log,
                      tensorboard=ctx.tensorboard, loss_fn=ctx.loss_fn(cfg.search),
                      resume=cfg.resume == "auto", desc="search",
-                     views=prompt_views(model, v.dual_step) if prompt is not None else None)
+                     views=views)
         masks = scores.remove()
         threshold = v.threshold
     else:
