@@ -6,6 +6,8 @@ Reads the config and checks it completely before any work, then:
   cluster=slurm   submits them as SLURM jobs through submitit (slurm/submit.py);
   cluster=debug   runs those same job objects in this process.
 `-m` sweeps: every combination of the comma-separated values (slurm/sweep.py).
+`experiment=<name>` runs a recipe of configs/experiment/ (trainer/config/experiment.py): all of its points,
+one of them, or a sweep of it.
 `stage=status|cancel run=<run or sweep>` reports on or cancels submitted jobs;
 `stage=report run=<run or sweep>` writes <run or sweep>/report/report.md and its plots.
 """
@@ -88,6 +90,8 @@ def main(argv: list[str]) -> int:
     sweep = any(a in SWEEP_FLAGS for a in argv)
     tokens = [a for a in argv if a not in SWEEP_FLAGS]
     try:
+        from trainer.config.experiment import expand_experiment
+        tokens, sweep = expand_experiment(tokens, sweep)
         command = _job_command(tokens)
         if command:
             what, runs_dir, name = command

@@ -16,6 +16,7 @@ group=option picks configs/<group>/<option>.yaml. Examples:
   torchrun --nproc_per_node 2 slurm/launch.py stage=dense   # several local processes (DDP)
   python slurm/launch.py stage=all cluster=slurm cluster.partition=gpu   # one SLURM job per stage, chained
   python slurm/launch.py -m method=pass,l1 pruning.flops_ratio=0.3,0.5   # a sweep: every combination
+  python slurm/launch.py experiment=vpns_paper data.train_dir=...        # a recipe (configs/experiment/)
   python slurm/launch.py stage=status run=<run or sweep>   # stage=cancel run=... cancels its jobs
   python slurm/launch.py stage=report run=<run or sweep>   # report.md + plots (also written after stage=all)
 Flags: --help (this text), -m (sweep).  Outputs go to <runs_dir>/<run>/<stage>/; see docs/cluster.md.
@@ -40,6 +41,9 @@ def help_text() -> str:
     for group in GROUPS:
         options = [o + ("*" if o == cfg[group].name else "") for o in group_options(group)]
         lines.append(f"  {group:<9} {', '.join(options)}")
+    experiments = group_options("experiment")
+    if experiments:
+        lines.append(f"  {'experiment':<9} {', '.join(experiments)}  (recipes: configs/experiment/; none by default)")
     lines.append("\nKeys (defaults shown for the default groups):")
     rows = list(_rows(RootConfig(), cfg))
     for name, section in KEYWORD_SECTIONS.items():
