@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import TINY, read_json, run_here, write_image_folder
 from slurm.sweep import expand
@@ -37,7 +38,7 @@ def test_every_point_of_every_recipe_composes_and_validates(name, tiny_tree, tmp
     assert root.name == name and len(configs) == points
     for cfg, point in zip(configs, listing):
         for key, value in point["overrides"].items():
-            assert str(cfg[key.split(".")[0]][key.split(".")[1]] if "." in key else cfg[key]) == value
+            assert str(OmegaConf.select(cfg, key)) == value
 
 
 def test_the_command_line_wins_over_the_recipe():

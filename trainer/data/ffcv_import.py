@@ -12,8 +12,7 @@ import numba.typed
 _typed_dict = numba.typed.__dict__.get("Dict")
 numba.typed.Dict = dict
 try:
-    import ffcv.fields.rgb_image  # noqa: F401  (the only FFCV module that builds a typed Dict at import)
-    import ffcv.loader  # noqa: F401
+    import ffcv.fields.rgb_image  # noqa: F401  (the only FFCV module that builds a typed Dict; imports the rest)
 finally:
     if _typed_dict is None:
         del numba.typed.Dict  # numba resolves it lazily again (PEP 562 __getattr__)

@@ -92,7 +92,7 @@ def run_sparse_finetune(ctx: StageContext) -> dict:
         **sparsity_summary(model.backbone, masks, cfg.data.res, cfg.pruning.density),
         "params": count_parameters(model.backbone), "masked_weights_nonzero": leaked,
         "head": search["head"], "label_mapping": search["label_mapping"],
-        "epochs": cfg.finetune.epochs, "dual_step": bool(views and len(views) == 2), "images_per_second": result.images_per_second,
+        "epochs": cfg.finetune.epochs, "dual_step": len(views or []) == 2, "images_per_second": result.images_per_second,
         "wall_seconds": result.wall_seconds, "resumed_from": result.resumed_from,
         "res": cfg.data.res, "num_classes": files.num_classes, "world_size": engine.world_size,
         "device": str(engine.device), "export": EXPORT_FILE,
