@@ -44,6 +44,7 @@ def test_group_and_key_overrides(tmp_path):
     (["data.num_classes=500"], "data.num_classes=500: must be in [2, 128]"),
     (["dense"], "cannot read 'dense': arguments are key=value"),
     (["data.res=true"], "data.res=true: expected an integer"),
+    (["data.train_per_class=50"], "data.train_per_class=50: must be at least 1, and only applies to ImageFolder data"),
 ])
 def test_bad_values_name_the_key(tokens, expected):
     assert expected in _error_of(tokens)

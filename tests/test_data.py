@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from conftest import TINY, write_image_folder
 from trainer.config import load_config
 from trainer.data import DataError, TrainLoader, prepare_data, scan_image_folder, split_per_class, val_loader
+from trainer.data.imagefolder import limit_per_class
 
 CPU = torch.device("cpu")
 
@@ -124,6 +125,11 @@ def test_split_per_class_is_seeded_and_stratified(tmp_path):
     assert len(train) + len(val) == 30
     assert sorted(np.bincount(val.labels).tolist()) == [2, 2, 2]
     assert split_per_class(images, 0.2, seed=1)[1].paths != val.paths
+    # data.train_per_class / val_per_class: a seeded choice per class, nested as the limit grows
+    three, five = limit_per_class(train, 3, seed=1), limit_per_class(train, 5, seed=1)
+    assert np.bincount(three.labels).tolist() == [3, 3, 3] and set(three.paths) < set(five.paths)
+    assert limit_per_class(train, 3, seed=1) == three and limit_per_class(train, 3, seed=2) != three
+    assert limit_per_class(train, None, seed=1) is train and limit_per_class(train, 100, seed=1) == train
 
 
 def test_image_folder_errors(tmp_path):
@@ -144,3 +150,7 @@ def test_imagefolder_betons_with_carved_split(tmp_path):
     labels = [y for _, y, _ in val_loader(files.val, res=32, batch_size=6, num_workers=1, device=CPU,
                                           rank=0, world_size=1)][0]
     assert sorted(labels.tolist()) == [0, 0, 1, 1, 2, 2]
+    small = prepare_data(load_config(["data=imagefolder", f"data.train_dir={root}", f"data.beton_dir={tmp_path / 'b'}",
+                                      "data.val_fraction=0.2", "data.train_per_class=3", "data.val_per_class=1",
+                                      "data.num_workers=1"]).data, is_writer=True, log=lambda m: None)
+    assert (small.num_train, small.num_val) == (9, 3) and small.train != files.train  # its own cache entry

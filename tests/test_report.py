@@ -116,3 +116,45 @@ def test_tensorboard_logs_the_same_scalars_as_metrics_jsonl(sweep):
         assert [round(e.value, 4) for e in logged] == [round(r["val_top1"], 4) for r in epochs]
         train = [r for r in records if r["kind"] == "train"]
         assert len(events.Scalars("train/loss")) == len(train) > 0
+
+
+def _seed_sweep(root, points):
+    """A sweep directory with finished points and made-up figures (the statistics, not training, are tested)."""
+    root.mkdir(parents=True)
+    listing = []
+    for overrides, search_top1, finetune_top1 in points:
+        name = "_".join(f"{k.split('.')[-1]}-{v}" for k, v in overrides.items())
+        listing.append({"run": name, "overrides": overrides})
+        (root / name).mkdir()
+        (root / name / "config.yaml").write_text("method:\n  name: pass\n")
+        prompt = overrides["pass.use_prompt"] == "true"
+        for stage, top1 in (("search", search_top1), ("finetune", finetune_top1)):
+            (root / name / stage / "result").mkdir(parents=True)
+            (root / name / stage / "result" / "summary.json").write_text(json.dumps({
+                "top1": top1, "top1_prompt": top1 if prompt else None, "top1_no_prompt": top1 - 1.0,
+                "flops_ratio_achieved": 0.5}))
+    (root / "sweep.json").write_text(json.dumps({"points": listing}))
+    return root
+
+
+def test_seed_sweeps_get_mean_std_and_paired_intervals(tmp_path):
+    from trainer.report.seeds import main, paired_differences, seed_runs, seeds_markdown
+    finetune = {("true", "0"): 60.0, ("true", "1"): 62.0, ("true", "2"): 61.0,
+                ("false", "0"): 59.0, ("false", "1"): 60.0, ("false", "2"): 61.0}
+    sweep = _seed_sweep(tmp_path / "sw", [({"pass.use_prompt": p, "seed": s}, 50.0 + int(s), top1)
+                                          for (p, s), top1 in finetune.items()])
+    runs = seed_runs(sweep)
+    assert len(runs) == 6
+    table = "\n".join(seeds_markdown([sweep]))
+    assert "| pass use_prompt=true | 0,1,2 | 51.00 ± 1.00 | 50.00 ± 1.00 | 61.00 ± 1.00 | 60.00 ± 1.00 | FLOPs 0.500 |" \
+        in table, table
+    assert "| pass use_prompt=false | 0,1,2 | — | 50.00 ± 1.00 | — | 59.00 ± 1.00 | FLOPs 0.500 |" in table, table
+    pairs = {p.metric: p for p in paired_differences(runs)}
+    assert pairs["before finetune"].differences == [0.0, 0.0, 0.0]
+    after = pairs["after finetune"]
+    assert sorted(after.differences) == [0.0, 1.0, 2.0]
+    mean, low, high = after.interval  # 1 ± t(2) * 1 / sqrt(3)
+    assert mean == 1.0 and high - mean == pytest.approx(4.303 / 3 ** 0.5, abs=1e-3) and low < 0 < high
+    assert "| use_prompt=true − false | pass | after finetune | 3 | +1.00 | [-1.48, +3.48] |" in table, table
+    # The command line over several sweeps; a sweep without seeds contributes nothing.
+    assert main([str(sweep)]) == 0 and main([]) == 2

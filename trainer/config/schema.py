@@ -41,6 +41,9 @@ class DataConfig:
     val_dir: Optional[str] = _f(None, "ImageFolder validation tree; without it a seeded per-class split is carved from train_dir")
     split_seed: int = _f(0, "seed of the carved validation split (kept apart from `seed` so the split stays fixed)")
     val_fraction: float = _f(0.1, "fraction of each class carved out for validation when val_dir is not given")
+    train_per_class: Optional[int] = _f(None, "ImageFolder: train on at most this many images per class (a seeded "
+                                                 "choice after the split; none: all). For small protocols")
+    val_per_class: Optional[int] = _f(None, "ImageFolder: evaluate on at most this many images per class (none: all)")
     res: int = _f(32, "training and evaluation resolution in pixels")
     val_crop_ratio: float = _f(0.875, "center-crop side / shorter image side at evaluation (224/256)")
     augment: bool = _f(True, "random-resized-crop + flip for training (false: the evaluation center crop)")

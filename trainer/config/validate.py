@@ -48,6 +48,9 @@ def validate_config(cfg: DictConfig) -> None:
     else:
         _require(d.num_classes is None, "data.num_classes only applies to data=synthetic "
                  "(an ImageFolder's classes are its sub-folders)")
+    for key in ("train_per_class", "val_per_class"):
+        _require(d[key] is None or (d.name in _IMAGEFOLDER_KINDS and d[key] >= 1),
+                 f"data.{key}={d[key]}: must be at least 1, and only applies to ImageFolder data")
     if d.name in _IMAGEFOLDER_KINDS:
         _require(d.train_dir is not None, f"data.train_dir is required for data={d.name} (set data.train_dir=<path>)")
         for key in ("train_dir", "val_dir"):

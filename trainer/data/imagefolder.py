@@ -79,6 +79,22 @@ def split_per_class(images: ImageList, val_fraction: float, seed: int) -> tuple[
     return images.subset(sorted(train_idx)), images.subset(sorted(val_idx))
 
 
+def limit_per_class(images: ImageList, per_class: int | None, seed: int) -> ImageList:
+    """At most `per_class` images of every class, a seeded random choice (None keeps all).
+
+    For small protocols (a few hundred images per class of a large set): the same `seed` gives the same
+    subset, and a larger `per_class` keeps every image a smaller one kept.
+    """
+    if per_class is None:
+        return images
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(images.labels)
+    keep = []
+    for c in range(len(images.classes)):
+        keep += rng.permutation(np.flatnonzero(labels == c))[:per_class].tolist()
+    return images.subset(sorted(keep))
+
+
 class ImageListDataset:
     """Indexable (image, label, index) records for FFCV's writer; decodes lazily with PIL."""
 

@@ -11,7 +11,7 @@ from typing import Callable
 from omegaconf import DictConfig
 
 from .beton import cache_key, image_field, write_beton
-from .imagefolder import DataError, ImageListDataset, scan_image_folder, split_per_class
+from .imagefolder import DataError, ImageListDataset, limit_per_class, scan_image_folder, split_per_class
 from . import synthetic
 from .synthetic import SyntheticImages
 
@@ -102,6 +102,8 @@ def prepare_data(d: DictConfig, *, is_writer: bool, barrier: Callable[[], None] 
         spec = dict(kind="imagefolder", train=train_dir, val=val_dir, count=len(all_train),
                     val_fraction=None if val_dir else d.val_fraction,
                     split_seed=None if val_dir else d.split_seed, **_writer_settings(d))
+        # Only when set, so that the cache keys of full splits stay those written before these keys existed.
+        spec.update({k: d[k] for k in ("train_per_class", "val_per_class") if d[k] is not None})
         key = f"{Path(train_dir).parent.name}-{Path(train_dir).name}-{cache_key(**spec)}"
         if val_dir:
             train_list, val_list = all_train, scan_image_folder(val_dir, classes=all_train.classes)
@@ -109,6 +111,9 @@ def prepare_data(d: DictConfig, *, is_writer: bool, barrier: Callable[[], None] 
             train_list, val_list = split_per_class(all_train, d.val_fraction, d.split_seed)
             if len(val_list) == 0:
                 raise DataError(f"{train_dir}: too few images per class to carve a validation split")
+        # Seeds apart from the split's, so that a subset never depends on which images the split took.
+        train_list = limit_per_class(train_list, d.train_per_class, d.split_seed + 1)
+        val_list = limit_per_class(val_list, d.val_per_class, d.split_seed + 2)
         train = lambda: ImageListDataset(train_list)  # noqa: E731
         val = lambda: ImageListDataset(val_list)  # noqa: E731
         classes_fn = lambda: all_train.classes  # noqa: E731

@@ -45,7 +45,9 @@ def cells(row: Row) -> list[str]:
             _pct(row.top5), latency, speedup, f"{row.wall_seconds / 60:.1f}"]
 
 
-def markdown(title: str, rows: list[Row], plots: list[tuple[str, str]], source: str) -> str:
+def markdown(title: str, rows: list[Row], plots: list[tuple[str, str]], source: str,
+             sections: list[str] = ()) -> str:
+    """`sections`: more markdown lines after the table's notes (the sweep's seed statistics)."""
     lines = [f"# Report: {title}", "",
              f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from `{source}` "
              "(regenerate: `python slurm/launch.py stage=report run=<run or sweep>`).", "",
@@ -61,6 +63,8 @@ def markdown(title: str, rows: list[Row], plots: list[tuple[str, str]], source: 
               "side at the end of finetune.",
               "- Wall time counts each run's own stages; sweep points prune a shared dense network, whose training "
               "time is in its own row."]
+    if sections:
+        lines += ["", *sections]
     if plots:
         lines += ["", "## Plots", ""]
         for caption, file in plots:

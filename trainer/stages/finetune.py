@@ -23,7 +23,8 @@ from ..models import ImageClassifier, count_macs, count_parameters
 from ..run_dir import write_json
 from .context import StageContext
 from .product import save_product
-from .search import SEARCH_STATE_FILE
+from .heads import classifier_from_state, set_classifier
+from .search import CLASSIFIER_FILE, SEARCH_STATE_FILE
 from .sources import (accuracy_with_and_without_prompt, dense_backbone, dense_source_run, finetune_uses_prompt,
                       make_prompt, search_result)
 
@@ -35,12 +36,15 @@ def run_finetune(ctx: StageContext) -> dict:
     method = cfg.method.name
     search_dir = search_result(ctx, STRUCTURE_FILE)
     structure = json.loads((search_dir / STRUCTURE_FILE).read_text())
+    search = ctx.run.summary("search")
     files = prepare_data(cfg.data, is_writer=engine.is_main, barrier=engine.barrier, log=ctx.say)
     found = (structure.get("arch"), structure.get("res"), structure.get("num_classes"))
     if found != (cfg.model.name, cfg.data.res, files.num_classes):
         raise ValueError(f"{search_dir / STRUCTURE_FILE} was searched for {found[0]} at {found[1]}px with "
                          f"{found[2]} classes, not {cfg.model.name} at {cfg.data.res}px with {files.num_classes}")
     dense, source = dense_backbone(ctx, files, "finetune")
+    if (search_dir / CLASSIFIER_FILE).exists():  # head=map/new: the search's classifier replaces the stored one
+        set_classifier(dense, classifier_from_state(torch.load(search_dir / CLASSIFIER_FILE, weights_only=True)))
     convert_attention(dense)
     pruned = extract(dense, structure)
 
@@ -74,7 +78,8 @@ def run_finetune(ctx: StageContext) -> dict:
         "stage": "finetune", "method": method, "model": cfg.model.name, "data": cfg.data.name,
         "top1": headline["top1"], "top5": headline["top5"], "loss": headline["loss"], "headline": cfg.prompt.headline,
         "top1_prompt": with_prompt["top1"] if prompt is not None else None, "top1_no_prompt": no_prompt["top1"],
-        "top1_dense": dense_top1, "prompt": prompt is not None,
+        "top1_dense": dense_top1, "top1_before_finetune": search["top1"], "prompt": prompt is not None,
+        "head": search.get("head"), "label_mapping": search.get("label_mapping"),
         "flops": count_macs(pruned_net, cfg.data.res), "flops_dense": count_macs(dense, cfg.data.res),
         "params": count_parameters(pruned_net), "params_dense": count_parameters(dense),
         "flops_unit": "multiply-accumulates per image",

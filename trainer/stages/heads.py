@@ -86,5 +86,13 @@ def backbone_with_head(ctx: StageContext, files: DataFiles, prompt: nn.Module | 
     return backbone, source, info
 
 
+def classifier_from_state(state: dict) -> nn.Linear:
+    """A Linear layer holding a saved classifier's weight and bias."""
+    weight = state["weight"]
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in state)
+    linear.load_state_dict(state)
+    return linear
+
+
 def classifier_parameters(backbone: nn.Module) -> list[torch.nn.Parameter]:
     return list(backbone.get_submodule(classifier_name(backbone)).parameters())

@@ -6,7 +6,11 @@ and picks channels by bisection on a global logit offset so the network meets
 the FLOPs budget. The baselines (l1, random, uniform) only rank channels and
 meet the same budget. Either way the stage publishes `structure.json` (the
 decision, shared with finetune), its summary, and for PASS `search.pt` (the
-hypernetwork and the prompt, which finetune starts from).
+hypernetwork and the prompt, which finetune starts from). When the dense
+classifier does not fit the data (`head=map` or `new`, e.g. weights trained on
+another data set), the search starts from the mapped or fresh classifier, PASS
+trains a fresh one with its hypernetwork, and the stage publishes it as
+`classifier.pt` for finetune.
 """
 from __future__ import annotations
 
@@ -20,13 +24,15 @@ from pruning.pass_network import PassSearchNetwork
 from pruning.stats import group_statistics
 
 from ..data import prepare_data
-from ..loop import evaluate, fit
-from ..models import ImageClassifier, count_macs, count_parameters
+from ..loop import fit
+from ..models import ImageClassifier, classifier_name, count_macs, count_parameters
 from ..run_dir import write_json
 from .context import StageContext
-from .sources import dense_backbone, make_prompt, same_on_every_rank
+from .heads import backbone_with_head, classifier_parameters
+from .sources import accuracy_with_and_without_prompt, make_prompt, same_on_every_rank
 
 SEARCH_STATE_FILE = "search.pt"
+CLASSIFIER_FILE = "classifier.pt"
 
 
 def run_search(ctx: StageContext) -> dict:
@@ -34,10 +40,11 @@ def run_search(ctx: StageContext) -> dict:
     method = cfg.method.name
     files = prepare_data(cfg.data, is_writer=engine.is_main, barrier=engine.barrier, log=ctx.say)
     torch.manual_seed(cfg.seed)  # same hypernetwork initialisation on every process and restart
-    backbone, source = dense_backbone(ctx, files, "search")
+    # Label mapping runs without a prompt: the search's prompt starts at zero, which changes no image.
+    backbone, source, head = backbone_with_head(ctx, files, None)
     ctx.say(f"search: {method} on {cfg.model.name} from {source}, target FLOPs ratio {cfg.pruning.flops_ratio}")
     if method == "pass":
-        net, kept, fit_result, extra = _search_pass(ctx, files, backbone)
+        net, kept, fit_result, extra = _search_pass(ctx, files, backbone, train_head=head["head"] == "new")
         graph, flops, prompt = net.graph, net.flops, net.prompt
     else:
         graph = build_graph(backbone, cfg.data.res, residual=cfg.pruning.residual)
@@ -54,10 +61,13 @@ def run_search(ctx: StageContext) -> dict:
                 f"{shortfall:.3f} below the target: the groups are too coarse (heads, round_to) to get closer")
     # The extracted network before finetuning, as a check of the decision (with the searched prompt).
     pruned = extract(backbone.cpu(), structure)
-    before = evaluate(engine, engine.prepare_module(ImageClassifier(pruned, prompt)), ctx.val_loader(files))
+    with_prompt, no_prompt = accuracy_with_and_without_prompt(
+        engine, engine.prepare_module(ImageClassifier(pruned, prompt)), ctx.val_loader(files))
+    before = with_prompt if cfg.prompt.headline == "prompt" else no_prompt
     summary = {
         "stage": "search", "method": method, "model": cfg.model.name, "data": cfg.data.name,
         "top1": before["top1"], "top5": before["top5"], "top1_meaning": "extracted network before finetune",
+        "top1_prompt": with_prompt["top1"] if prompt is not None else None, "top1_no_prompt": no_prompt["top1"],
         "flops_ratio_target": cfg.pruning.flops_ratio, "flops_ratio_achieved": structure["flops_ratio"],
         "flops_ratio_shortfall": shortfall,
         "flops": count_macs(pruned, cfg.data.res), "flops_dense": structure["flops_dense"],
@@ -67,12 +77,15 @@ def run_search(ctx: StageContext) -> dict:
         "images_per_second": fit_result.images_per_second if fit_result else 0.0,
         "wall_seconds": fit_result.wall_seconds if fit_result else 0.0,
         "resumed_from": fit_result.resumed_from if fit_result else None,
-        "dense_source": source, "world_size": engine.world_size, **extra,
+        "dense_source": source, "world_size": engine.world_size, **head, **extra,
     }
 
     def write(d):
         write_json(d / STRUCTURE_FILE, structure)
         write_json(d / "summary.json", summary)
+        if head["head"] in ("map", "new"):  # finetune starts from this classifier, not the stored one
+            classifier = backbone.get_submodule(classifier_name(backbone))
+            torch.save({k: v.detach().cpu() for k, v in classifier.state_dict().items()}, d / CLASSIFIER_FILE)
         if net is not None:
             torch.save({"hypernet": net.hypernet.state_dict(),
                         "prompt": net.prompt.program.detach().cpu() if net.prompt is not None else None},
@@ -84,7 +97,7 @@ def run_search(ctx: StageContext) -> dict:
     return summary
 
 
-def _search_pass(ctx: StageContext, files, backbone):
+def _search_pass(ctx: StageContext, files, backbone, train_head: bool):
     cfg, engine = ctx.cfg, ctx.engine
     h = cfg["pass"]
     if cfg.engine.sync_bn and engine.world_size > 1:
@@ -94,11 +107,16 @@ def _search_pass(ctx: StageContext, files, backbone):
     prompt = make_prompt(cfg) if h.use_prompt else None
     net = PassSearchNetwork(backbone, res=cfg.data.res, prompt=prompt, pass_cfg=h,
                             flops_ratio=cfg.pruning.flops_ratio, residual=cfg.pruning.residual)
+    head_params = classifier_parameters(backbone) if train_head else []
+    for p in head_params:  # a fresh classifier (head=new) cannot stay frozen: it trains with the hypernetwork
+        p.requires_grad_(True)
     net = engine.prepare_module(net)
     hyper, prompt_params = net.trainable_parameters()
     params = [{"params": hyper}]
     if prompt_params:
         params.append({"params": prompt_params, "lr": h.prompt_lr})
+    if head_params:
+        params.append({"params": head_params})
     ctx.say(f"search: {len(net.graph.groups)} channel groups, hypernetwork {sum(p.numel() for p in hyper):,} "
             f"parameters, prompt {prompt.effective_parameters if prompt else 0:,} effective parameters")
     start = net.hard_masks()
