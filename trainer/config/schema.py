@@ -205,9 +205,9 @@ class RootConfig:
                                         "name under runs_dir) instead of training one; a sweep sets it to its shared "
                                         "dense run")
     logger: str = _f("jsonl", "jsonl: metrics.jsonl only; tensorboard: also TensorBoard event files in <stage>/tensorboard/")
-    head: str = _f("auto", "unstructured methods, when the dense classifier's size differs from the data's classes: "
-                           "map (frequency label mapping), new (fresh trained head); auto: map for torchvision "
-                           "weights, new otherwise; keep: require equal sizes")
+    head: str = _f("auto", "the classifier pruning starts from, for weights trained on other classes: map (frequency "
+                           "label mapping), new (a fresh head, trained in search); keep: as stored (equal sizes); "
+                           "auto: keep when sizes agree, else map for torchvision weights and new otherwise")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
