@@ -60,6 +60,14 @@ def test_no_prompt_ablation_changes_only_the_prompt(dense_run, tmp_path, beton_d
                   for d in (vpns, ablation))
     assert (la["loss"], la["loss_no_prompt"]) == (lb["loss"], lb["loss_plain_again"])  # two steps each, same losses
 
+    # vpns.prompt_lr: the prompt's own rate. Adam's first step moves every entry with a gradient by the rate
+    # itself, and the scores' steps saw a zero prompt in both runs, so only the prompt's size differs.
+    faster = search("faster", "vpns.prompt_lr=0.5")
+    c = _model_state(faster / "checkpoints/last.pt")
+    for state, rate in ((a, 0.01), (c, 0.5)):
+        assert state["input_transform.program"].abs().max().item() == pytest.approx(rate, rel=1e-3)
+    assert all(torch.equal(a[k], c[k]) for k in b), "the prompt's rate changed more than the prompt"
+
     from trainer.config import load_config
     from trainer.stages.sources import finetune_uses_prompt
     assert finetune_uses_prompt(load_config(["method=vpns"]))

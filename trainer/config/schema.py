@@ -152,6 +152,8 @@ class VpnsConfig:
     dual_step: bool = _f(True, "after the step on the prompted batch, a second step on the same batch without the prompt")
     use_prompt: bool = _f(True, "ablation (method=vpns): false = no prompt in search and finetune, all else the same "
                                 "(threshold, optimizer steps per batch: with dual_step both see the plain batch)")
+    prompt_lr: Optional[float] = _f(None, "peak learning rate of the prompt in the search (none: search.lr, the one "
+                                          "rate METHODS.md gives scores and prompt)")
     exclude_first: bool = _f(False, "do not score (prune) the first conv / patch embedding")
     exclude_classifier: bool = _f(False, "do not score (prune) the classifier")
 

@@ -48,6 +48,8 @@ def validate_config(cfg: DictConfig) -> None:
     else:
         _require(d.num_classes is None, "data.num_classes only applies to data=synthetic "
                  "(an ImageFolder's classes are its sub-folders)")
+    _require(cfg.vpns.prompt_lr is None or cfg.vpns.prompt_lr > 0,
+             f"vpns.prompt_lr={cfg.vpns.prompt_lr}: must be positive (or null: search.lr)")
     for key in ("train_per_class", "val_per_class"):
         _require(d[key] is None or (d.name in _IMAGEFOLDER_KINDS and d[key] >= 1),
                  f"data.{key}={d[key]}: must be at least 1, and only applies to ImageFolder data")

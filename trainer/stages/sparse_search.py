@@ -94,6 +94,10 @@ def run_sparse_search(ctx: StageContext) -> dict:
                             exclude_classifier=v.exclude_classifier)
         model = engine.prepare_module(ImageClassifier(backbone, prompt))
         trainable = [p for p in model.parameters() if p.requires_grad]
+        if prompt is not None and v.prompt_lr is not None:  # the prompt at its own rate, the rest at search.lr
+            own = {id(p) for p in prompt.parameters()}
+            trainable = [{"params": [p for p in trainable if id(p) not in own]},
+                         {"params": list(prompt.parameters()), "lr": v.prompt_lr}]
         views = search_views(cfg, model, prompt)
         ctx.say(f"search: {len(scores.weights)} scored layers, {scores.total():,} scored weights, "
                 f"{v.threshold} threshold, prompt {prompt.effective_parameters if prompt else 0:,} effective "
