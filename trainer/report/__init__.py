@@ -12,7 +12,6 @@ from pathlib import Path
 from . import plots
 from ..run_dir import SWEEP_FILE
 from .collect import ReportError, Row, collect, report_runs
-from .seeds import seeds_markdown
 from .table import markdown
 
 REPORT_DIR = "report"
@@ -53,6 +52,7 @@ def write_report(root: Path) -> Path:
     made = []
     for (model, data), group in groups.items():
         made += _plots_for(group, tmp, f"_{model}_{data}" if len(groups) > 1 else "", f" ({model} on {data})")
+    from .seeds import seeds_markdown  # here, so `python -m trainer.report.seeds` finds it not yet imported
     seeds = seeds_markdown([root]) if (root / SWEEP_FILE).exists() else []
     (tmp / REPORT_FILE).write_text(markdown(root.name, rows, made, str(root), seeds))
     final = root / REPORT_DIR
