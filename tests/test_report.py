@@ -138,7 +138,7 @@ def _seed_sweep(root, points):
 
 
 def test_seed_sweeps_get_mean_std_and_paired_intervals(tmp_path):
-    from trainer.report.seeds import main, paired_differences, seed_runs, seeds_markdown
+    from trainer.report.seeds import _selected, main, paired_between, paired_differences, seed_runs, seeds_markdown
     finetune = {("true", "0"): 60.0, ("true", "1"): 62.0, ("true", "2"): 61.0,
                 ("false", "0"): 59.0, ("false", "1"): 60.0, ("false", "2"): 61.0}
     sweep = _seed_sweep(tmp_path / "sw", [({"pass.use_prompt": p, "seed": s}, 50.0 + int(s), top1)
@@ -157,4 +157,11 @@ def test_seed_sweeps_get_mean_std_and_paired_intervals(tmp_path):
     assert mean == 1.0 and high - mean == pytest.approx(4.303 / 3 ** 0.5, abs=1e-3) and low < 0 < high
     assert "| use_prompt=true − false | pass | after finetune | 3 | +1.00 | [-1.48, +3.48] |" in table, table
     # The command line over several sweeps; a sweep without seeds contributes nothing.
-    assert main([str(sweep)]) == 0 and main([]) == 2
+    assert main([str(sweep)]) == 0 and main([]) == 2 and main(["--pair", str(sweep)]) == 2
+    # --pair: two (selections of) sweeps, paired on the seed and the settings they share: the same figures
+    first, _, keys = _selected(f"{sweep}:pass.use_prompt=true")
+    second, _, _ = _selected(f"{sweep}:pass.use_prompt=false")
+    assert not paired_between(first, second, ("a", "b"))  # the settings differ in pass.use_prompt ...
+    across = {p.metric: p for p in paired_between(first, second, ("a", "b"), frozenset(keys))}  # ... chosen
+    assert across["after finetune"].differences == after.differences and across["after finetune"].rest == (
+        ("method", "pass"),)

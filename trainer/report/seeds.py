@@ -7,7 +7,8 @@ after it, each with and without the prompt, and the achieved budget. For every o
 values (`pass.use_prompt=true,false`), points that agree on everything else, seed included, are paired
 and the difference (first value minus second) gets a Student-t 95% interval: the seed's own effect
 (initialisation, sample order) cancels in the pair, so the interval is narrower than the two rows' stds
-suggest. Used by the report and, over several sweeps at once, by `python -m trainer.report.seeds`.
+suggest. Used by the report and, over several sweeps at once, by `python -m trainer.report.seeds`, which
+also pairs two sweeps (`--pair`: a method at a tuned setting against another sweep's ablation).
 """
 from __future__ import annotations
 
@@ -156,6 +157,39 @@ def paired_differences(runs: list[SeedRun]) -> list[Paired]:
     return list(found.values())
 
 
+def paired_between(first: list[SeedRun], second: list[SeedRun], names: tuple[str, str],
+                   chosen: frozenset[str] = frozenset()) -> list[Paired]:
+    """Differences between two groups of runs (two sweeps, or parts of them), paired on the seed and on every
+    setting key both have except `chosen` (the keys that picked the groups; keys only one side has, such as
+    the axis of the other side's sweep, are not compared either): a method at a tuned setting against
+    another sweep's ablation."""
+    found: dict[tuple, Paired] = {}
+    for a in first:
+        for b in second:
+            if a.seed != b.seed:
+                continue
+            sb = dict(b.setting)
+            common = tuple((k, v) for k, v in a.setting if k in sb and k not in chosen)
+            if any(sb[k] != v for k, v in common):
+                continue
+            for metric in PAIRED_METRICS:
+                if a.figures[metric] is None or b.figures[metric] is None:
+                    continue
+                found.setdefault((common, metric), Paired("", names, common, metric)).differences.append(
+                    a.figures[metric] - b.figures[metric])
+    return list(found.values())
+
+
+def _selected(spec: str) -> tuple[list[SeedRun], str, set[str]]:
+    """`<sweep dir>[:key=value,...]`: that sweep's finished points whose settings have those values, a name
+    for them, and the keys that selected them."""
+    path, _, filters = spec.partition(":")
+    wanted = dict(f.split("=", 1) for f in filters.split(",") if f)
+    runs = [r for r in seed_runs(Path(path).expanduser())
+            if all(dict(r.setting).get(k) == v for k, v in wanted.items())]
+    return runs, Path(path).name + (f" ({filters})" if filters else ""), set(wanted)
+
+
 def paired_table(pairs: list[Paired]) -> list[str]:
     head = ["difference", "with", "top-1 (headline)", "pairs", "mean (points)", "95% interval"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
@@ -163,7 +197,8 @@ def paired_table(pairs: list[Paired]) -> list[str]:
         interval = p.interval
         mean = f"{statistics.fmean(p.differences):+.2f}"
         text = "—" if interval is None else f"[{interval[1]:+.2f}, {interval[2]:+.2f}]"
-        lines.append(f"| {p.axis.split('.')[-1]}={p.values[0]} − {p.values[1]} | {_label(p.rest)} | {p.metric} | "
+        what = f"{p.axis.split('.')[-1]}={p.values[0]} − {p.values[1]}" if p.axis else f"{p.values[0]} − {p.values[1]}"
+        lines.append(f"| {what} | {_label(p.rest)} | {p.metric} | "
                      f"{len(p.differences)} | {mean} | {text} |")
     return lines
 
@@ -183,12 +218,22 @@ def seeds_markdown(sweeps: list[Path]) -> list[str]:
     return lines
 
 
+USAGE = ("usage: python -m trainer.report.seeds <sweep directory> [<sweep directory> ...]\n"
+         "       python -m trainer.report.seeds --pair <sweep>[:key=value,...] <sweep>[:key=value,...]")
+
+
 def main(argv: list[str]) -> int:
-    """`python -m trainer.report.seeds <sweep dir> [...]`: the tables of several sweeps together, on stdout."""
-    if not argv:
-        print("usage: python -m trainer.report.seeds <sweep directory> [<sweep directory> ...]", file=sys.stderr)
+    """`python -m trainer.report.seeds <sweep dir> [...]`: the tables of several sweeps together, on stdout.
+    `--pair A[:k=v,...] B[:k=v,...]`: the paired differences between two sweeps' (selected) points."""
+    if not argv or (argv[0] == "--pair" and len(argv) != 3):
+        print(USAGE, file=sys.stderr)
         return 2
     try:
+        if argv[0] == "--pair":
+            (first, a, keys_a), (second, b, keys_b) = _selected(argv[1]), _selected(argv[2])
+            pairs = paired_between(first, second, (a, b), frozenset(keys_a | keys_b))
+            print("\n".join(paired_table(pairs)) if pairs else "no runs of the two share a seed and settings")
+            return 0
         lines = seeds_markdown([Path(a).expanduser() for a in argv])
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
