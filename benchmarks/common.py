@@ -21,7 +21,7 @@ import torchvision
 
 from pruning.pass_network import PassSearchNetwork
 from trainer.config.load import load_config
-from trainer.loop import split_output
+from trainer.loop import optimizer_step
 from trainer.optim import make_optimizer, make_scheduler
 from trainer.stages.sources import make_prompt  # imports trainer.data, hence FFCV (torch left at 1 thread)
 
@@ -118,7 +118,7 @@ def sync(device: torch.device) -> None:
 
 
 class TrainStep:
-    """One batch of the training loop's inner body (trainer/loop.py fit), through a one-process engine.
+    """One batch of the training loop (trainer/loop.py optimizer_step per view), through a one-process engine.
 
     `views`: (name, context factory) pairs; each is one optimizer step on the batch
     under its context (VPNs' dual step: prompted, then unprompted). Default: one
@@ -151,15 +151,7 @@ class TrainStep:
             if timed:
                 sync(engine.device)
                 start = time.perf_counter()
-            for i, (x, y) in enumerate(chunks):
-                with engine.micro_step(last=i + 1 == len(chunks)):
-                    with view(), engine.autocast():
-                        out, extra = split_output(engine.module(x))
-                        loss = self.loss_fn(out.float(), y)
-                        if extra is not None:
-                            loss = loss + extra.float()
-                    engine.backward(loss)
-                engine.step()
+            optimizer_step(engine, view, self.loss_fn, chunks)
             if timed:
                 sync(engine.device)
                 seconds.append(time.perf_counter() - start)
@@ -167,7 +159,7 @@ class TrainStep:
 
 
 def pass_search_step(cfg, engine, backbone) -> TrainStep:
-    """The PASS search step over `backbone`, built as trainer/stages/search.py (_search_pass) builds it:
+    """The PASS search step over `backbone`, built as pruning/methods/pass_.py (Pass.search) builds it:
     PassSearchNetwork (frozen backbone, hypernetwork, channel masks, prompt, FLOPs model, budget loss),
     the search schedule's optimizer on hypernetwork + prompt (prompt lr pass.prompt_lr)."""
     h = cfg["pass"]

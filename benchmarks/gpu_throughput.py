@@ -66,7 +66,8 @@ from pruning.stats import group_statistics  # noqa: E402
 from trainer.distributed import DistEnv  # noqa: E402
 from trainer.engines import DDPEngine  # noqa: E402
 from trainer.models import ImageClassifier, build_backbone, count_macs, flop_counter  # noqa: E402
-from trainer.stages.sources import finetune_uses_prompt, make_prompt  # noqa: E402  (imports FFCV)
+from pruning.methods import get_method  # noqa: E402
+from trainer.stages.sources import make_prompt  # noqa: E402  (imports FFCV)
 
 KINDS = ("dense", "pass", "finetune")
 # Dense bf16 tensor-core peak in TFLOP/s (no 2:4 sparsity), from NVIDIA's data sheets.
@@ -159,7 +160,7 @@ def build_finetune(args, runs_dir: str) -> TrainStep:
     structure = finetune_structure(args, cfg, dense)
     convert_attention(dense)
     pruned = extract(dense, structure)
-    prompt = make_prompt(cfg) if finetune_uses_prompt(cfg) else None
+    prompt = make_prompt(cfg) if get_method(cfg.method.name).finetune_prompt(cfg) else None
     macs = count_macs(pruned, args.res)
     model = engine.prepare_module(ImageClassifier(pruned, prompt))
     step = TrainStep(cfg, engine, model, [p for p in model.parameters() if p.requires_grad], cfg.finetune)

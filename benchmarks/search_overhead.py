@@ -16,7 +16,7 @@ all alike); the median over rounds is reported:
           channel groups, straight-through channel masks, pad prompt, FLOPs
           model and budget loss), AdamW on hypernetwork + prompt (prompt lr
           pass.prompt_lr);
-  vpns    the VPNs search step (trainer/stages/sparse_search.py): ScoreMasks
+  vpns    the VPNs search step (pruning/methods/unstructured.py, ScoreSearch): ScoreMasks
           on every Conv2d/Linear (global threshold, recomputed after every
           optimizer step), weights and norm affine frozen, pad prompt, Adam on
           scores + prompt; with vpns.dual_step=true (the default) one
@@ -60,7 +60,7 @@ from trainer.distributed import DistEnv  # noqa: E402
 from trainer.engines import DDPEngine  # noqa: E402
 from trainer.models import ImageClassifier, build_backbone, count_macs  # noqa: E402
 from trainer.stages.sources import make_prompt  # noqa: E402  (imports trainer.data, hence FFCV)
-from trainer.stages.sparse_search import prompt_views  # noqa: E402
+from pruning.methods.unstructured import prompt_views  # noqa: E402
 
 
 # --------------------------------------------------------------------------- building the steps
@@ -76,7 +76,7 @@ def build_plain(model_name: str, classes: int, res: int, batch: int, runs_dir: s
 
 
 def build_pass(model_name: str, classes: int, res: int, batch: int, runs_dir: str) -> TrainStep:
-    """The PASS search stage (trainer/stages/search.py, _search_pass)."""
+    """The PASS search step (pruning/methods/pass_.py, Pass.search)."""
     cfg = stage_config(model_name, "pass", device="cpu", res=res, batch=batch, runs_dir=runs_dir)
     engine = DDPEngine(cfg.engine, DistEnv())
     torch.manual_seed(cfg.seed)
@@ -84,7 +84,7 @@ def build_pass(model_name: str, classes: int, res: int, batch: int, runs_dir: st
 
 
 def build_vpns(model_name: str, classes: int, res: int, batch: int, runs_dir: str) -> TrainStep:
-    """The VPNs search stage (trainer/stages/sparse_search.py) with the backbone's own head (head=keep)."""
+    """The VPNs search step (pruning/methods/unstructured.py, ScoreSearch) with the backbone's own head (head=keep)."""
     cfg = stage_config(model_name, "vpns", device="cpu", res=res, batch=batch, runs_dir=runs_dir)
     engine = DDPEngine(cfg.engine, DistEnv())
     torch.manual_seed(cfg.seed)

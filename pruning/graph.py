@@ -27,8 +27,6 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from trainer.models import classifier_name
-
 from .attention import SelfAttention, convert_attention
 
 # Layer kinds in PruneGraph.layers.
@@ -69,6 +67,14 @@ class PruneGraph:
         return [g.size for g in self.groups]
 
 
+def last_linear(model: nn.Module) -> str:
+    """Dotted name of the last Linear registered: the classifier of every torchvision architecture."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no Linear classifier head")
+    return linears[-1]
+
+
 def _execution_order(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     """Index of each module's first call in one forward pass."""
     order: dict[str, int] = {}
@@ -88,13 +94,14 @@ def _execution_order(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     return order
 
 
-def build_graph(model: nn.Module, res: int, *, residual: bool = True) -> PruneGraph:
+def build_graph(model: nn.Module, res: int, *, residual: bool = True, head: str | None = None) -> PruneGraph:
     """Find the prunable channel groups of a torchvision backbone (converts its attention in place).
 
     Pruned: every group whose producers are Conv2d/Linear layers (or attention
     heads), except the classifier's outputs; the stem's 3 input channels are
     never a group. `residual=False` leaves out groups with several producers
-    (the residual streams of ResNets and the ViT embedding width).
+    (the residual streams of ResNets and the ViT embedding width). `head`: the classifier's dotted
+    name (default: the last Linear registered, which it is in every torchvision classifier).
     """
     was_training = model.training
     model.eval()
@@ -102,7 +109,7 @@ def build_graph(model: nn.Module, res: int, *, residual: bool = True) -> PruneGr
     example = torch.zeros(1, 3, res, res, device=device)
     names = {m: n for n, m in model.named_modules()}
     param_names = {id(p): n for n, p in model.named_parameters()}
-    head = classifier_name(model)
+    head = head or last_linear(model)
     frozen = [p for p in model.parameters() if not p.requires_grad]
     for p in frozen:   # Torch-Pruning silently skips layers whose weights are frozen
         p.requires_grad_(True)

@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.models import ImageClassifier
-
+from .classifier import ImageClassifier
 from .flops_model import FlopsModel
 from .graph import PruneGraph, build_graph
 from .hypernet import PassHypernetwork, budget_loss, straight_through_mask
@@ -31,9 +30,9 @@ from .stats import group_statistics
 
 class PassSearchNetwork(nn.Module):
     def __init__(self, backbone: nn.Module, *, res: int, prompt: PadPrompt | None, pass_cfg, flops_ratio: float,
-                 residual: bool = True):
+                 residual: bool = True, head: str | None = None):
         super().__init__()
-        self.graph: PruneGraph = build_graph(backbone, res, residual=residual)  # converts attention in place
+        self.graph: PruneGraph = build_graph(backbone, res, residual=residual, head=head)  # converts attention in place
         for p in backbone.parameters():   # after the graph: Torch-Pruning skips frozen layers
             p.requires_grad_(False)
         self.flops = FlopsModel(backbone, self.graph, res)

@@ -62,6 +62,9 @@ XDIST_GROUPS = {
     "test_vpns.py::test_unstructured_baselines": "unstructured",              # unstructured_sweep
     "test_pass.py::test_structured_baselines": "structured",                  # structured_sweep
     "test_launcher.py::test_local_sweep": "structured",
+    "test_methods.py::test_golden_structured": "structured",
+    "test_methods.py::test_golden_unstructured": "unstructured",
+    "test_methods.py::test_golden_vpns": "vpns",
     "test_vpns.py::test_search_trains_only": "vpns",                          # vpns_run
     "test_vpns.py::test_finetune_keeps": "vpns",
     "test_vpns.py::test_export_loads": "vpns",

@@ -69,9 +69,9 @@ def test_no_prompt_ablation_changes_only_the_prompt(dense_run, tmp_path, beton_d
     assert all(torch.equal(a[k], c[k]) for k in b), "the prompt's rate changed more than the prompt"
 
     from trainer.config import load_config
-    from trainer.stages.sources import finetune_uses_prompt
-    assert finetune_uses_prompt(load_config(["method=vpns"]))
-    assert not finetune_uses_prompt(load_config(["method=vpns", "vpns.use_prompt=false"]))
+    from pruning.methods import get_method
+    assert get_method("vpns").finetune_prompt(load_config(["method=vpns"]))
+    assert not get_method("vpns").finetune_prompt(load_config(["method=vpns", "vpns.use_prompt=false"]))
 
 
 def test_search_trains_only_scores_and_prompt(vpns_run):

@@ -108,6 +108,51 @@ def _say(engine: Engine, msg: str) -> None:
         tqdm.write(msg, file=sys.stdout)
 
 
+def optimizer_step(engine: Engine, view: Callable, loss_fn: Callable, chunks) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on one batch under `view` (a context factory: the prompt on or off), accumulating
+    gradients over the engine's micro-batches `chunks`. Returns the loss summed over the batch and the
+    logits, both left on the device (no sync). The loop and the benchmarks take their steps here."""
+    loss_sum, outs = 0.0, []
+    for i, (x, y) in enumerate(chunks):
+        with engine.micro_step(last=i + 1 == len(chunks)):
+            with view(), engine.autocast():
+                out, extra = split_output(engine.module(x))
+                loss = loss_fn(out.float(), y)
+                if extra is not None:  # PASS's budget term
+                    loss = loss + extra.float()
+            engine.backward(loss)
+        engine.step()
+        loss_sum = loss_sum + loss.detach().double() * len(y)
+        outs.append(out.detach())
+    return loss_sum, torch.cat(outs)
+
+
+def _restore(engine: Engine, ckpt: dict | None, view_names: list[str], meters: torch.Tensor, log: MetricsLog,
+             desc: str) -> tuple[int, int, int, float, list[dict]]:
+    """(epoch, batch, step, elapsed seconds, history) to continue from: the checkpoint's, or the start. Fills
+    `meters` with the checkpoint's running sums and cuts metrics.jsonl back to its step."""
+    if ckpt is None:
+        log.truncate_after(0)
+        return 0, 0, 0, 0.0, []
+    if ckpt.get("views", [""]) != view_names:
+        raise ValueError(f"{ckpt['_path']} was written with {len(ckpt.get('views', ['']))} optimizer step(s) per "
+                         f"batch ({ckpt.get('views')}), this run takes {len(view_names)} ({view_names}): "
+                         f"restore the setting that changed (vpns.dual_step, finetune.prompt) or use resume=never")
+    epoch, batch, step, elapsed = ckpt["epoch"], ckpt["batch"], ckpt["step"], ckpt["elapsed"]
+    torch.set_rng_state(ckpt["rng"])
+    if engine.is_main:  # the saved meters are already summed over processes
+        meters.copy_(ckpt["meters"])
+    if batch and ckpt["world_size"] != engine.world_size:
+        # Batch positions are per process: they mean other samples on another process count.
+        _say(engine, f"{desc}: checkpoint written by {ckpt['world_size']} process(es), running on "
+                     f"{engine.world_size}: epoch {epoch + 1} restarts from its first batch")
+        batch = 0
+        meters.zero_()
+    log.truncate_after(step)
+    _say(engine, f"{desc}: resumed from {ckpt['_path']} at epoch {epoch + 1}, batch {batch} (step {step})")
+    return epoch, batch, step, elapsed, ckpt["history"]
+
+
 def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig, train_loader,
         val_loader, stage_dir: Path, checkpoint_cfg: DictConfig, log_cfg: DictConfig,
         loss_fn: Callable, resume: bool, desc: str,
@@ -133,34 +178,12 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
     log = MetricsLog(stage_dir / "metrics.jsonl", enabled=engine.is_main,
                      tensorboard_dir=stage_dir / "tensorboard" if tensorboard else None)
 
-    epoch, batch, step, elapsed = 0, 0, 0, 0.0
     # loss sum, correct, count (first view), then the loss sum of every further view
     meters = torch.zeros(2 + len(views), dtype=torch.float64, device=engine.device)
-    history: list[dict] = []
-    result = FitResult()
-    ckpt = engine.load_checkpoint(checkpoints, log=lambda m: _say(engine, m)) if resume else None
     view_names = [name for name, _ in views]
-    if ckpt is not None:
-        if ckpt.get("views", [""]) != view_names:
-            raise ValueError(f"{ckpt['_path']} was written with {len(ckpt.get('views', ['']))} optimizer step(s) per "
-                             f"batch ({ckpt.get('views')}), this run takes {len(view_names)} ({view_names}): "
-                             f"restore the setting that changed (vpns.dual_step, finetune.prompt) or use resume=never")
-        epoch, batch, step, elapsed = ckpt["epoch"], ckpt["batch"], ckpt["step"], ckpt["elapsed"]
-        history = ckpt["history"]
-        torch.set_rng_state(ckpt["rng"])
-        if engine.is_main:  # the saved meters are already summed over processes
-            meters = ckpt["meters"].to(engine.device)
-        if batch and ckpt["world_size"] != engine.world_size:
-            # Batch positions are per process: they mean other samples on another process count.
-            _say(engine, f"{desc}: checkpoint written by {ckpt['world_size']} process(es), running on "
-                         f"{engine.world_size}: epoch {epoch + 1} restarts from its first batch")
-            batch = 0
-            meters.zero_()
-        log.truncate_after(step)
-        result.resumed_from = ckpt["_path"]
-        _say(engine, f"{desc}: resumed from {ckpt['_path']} at epoch {epoch + 1}, batch {batch} (step {step})")
-    else:
-        log.truncate_after(0)
+    ckpt = engine.load_checkpoint(checkpoints, log=lambda m: _say(engine, m)) if resume else None
+    epoch, batch, step, elapsed, history = _restore(engine, ckpt, view_names, meters, log, desc)
+    result = FitResult(resumed_from=ckpt["_path"] if ckpt is not None else None)
     session_start = time.time()
 
     def save(next_epoch: int, next_batch: int, epoch_meters: torch.Tensor) -> Path:
@@ -183,24 +206,9 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
                    desc=f"{desc} {epoch + 1}/{schedule.epochs}", disable=not (engine.is_main and log_cfg.progress),
                    mininterval=1 if interactive else 30, dynamic_ncols=True, leave=False)
         for batch, (images, labels, _) in enumerate(bar, start=start_batch):
-            losses = []
             chunks = engine.split(images, labels)
-            for view_index, (_, view) in enumerate(views):
-                loss_sum, outs = 0.0, []
-                for i, (x, y) in enumerate(chunks):  # gradient accumulation: one optimizer step per view
-                    with engine.micro_step(last=i + 1 == len(chunks)):
-                        with view(), engine.autocast():
-                            out, extra = split_output(engine.module(x))
-                            loss = loss_fn(out.float(), y)
-                            if extra is not None:
-                                loss = loss + extra.float()
-                        engine.backward(loss)
-                    engine.step()
-                    loss_sum = loss_sum + loss.detach().double() * len(y)
-                    outs.append(out.detach())
-                losses.append(loss_sum)
-                if view_index == 0:
-                    logits = torch.cat(outs)
+            steps = [optimizer_step(engine, view, loss_fn, chunks) for _, view in views]
+            losses, logits = [loss for loss, _ in steps], steps[0][1]
             step += 1
             seen += len(labels)
             count = torch.tensor(float(len(labels)), device=engine.device, dtype=torch.float64)

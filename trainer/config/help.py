@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from .load import CONFIGS_DIR, group_options, load_config
-from .schema import GROUPS, KEYWORD_SECTIONS, RootConfig
+from .schema import GROUPS, METHOD_SECTIONS, RootConfig
 
 USAGE = """usage: python slurm/launch.py [-m] [key=value ...]
 
@@ -46,7 +46,7 @@ def help_text() -> str:
         lines.append(f"  {'experiment':<9} {', '.join(experiments)}  (recipes: configs/experiment/; none by default)")
     lines.append("\nKeys (defaults shown for the default groups):")
     rows = list(_rows(RootConfig(), cfg))
-    for name, section in KEYWORD_SECTIONS.items():
+    for name, section in METHOD_SECTIONS.items():
         rows += list(_rows(section(), cfg[name], f"{name}."))
     for key, value, text in rows:
         if key.endswith(".name") and key.split(".")[0] in GROUPS:

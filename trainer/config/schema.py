@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from pruning.methods import STRUCTURED, UNSTRUCTURED, method_names, section_choices, sections
+
 GROUPS = ("model", "data", "method", "engine", "cluster")
 STAGES = ("dense", "search", "finetune", "eval", "all")
 # Launcher commands that act on submitted jobs instead of training (stage=status run=<run or sweep>).
@@ -105,14 +107,13 @@ class ClusterConfig:
     setup: List[str] = _f([], "shell lines run in the job script before the processes start, e.g. ['module load cuda']")
 
 
-STRUCTURED_METHODS = ("pass", "l1", "random", "uniform")
-UNSTRUCTURED_METHODS = ("vpns", "hydra", "omp", "random_unstructured")
-# The same sets as pruning.prompt.PROMPT_VARIANTS, pruning.hypernet.BUDGET_LOSSES and pruning.scores.THRESHOLDS,
-# restated so the config layer stays free of torch (--help and print_config start fast); tests/test_config.py
-# checks they agree.
+# The methods, their families and their own config sections come from the registry (pruning/methods: torch-free
+# to import, like this module).
+STRUCTURED_METHODS = method_names(STRUCTURED)
+UNSTRUCTURED_METHODS = method_names(UNSTRUCTURED)
+# The same set as pruning.prompt.PROMPT_VARIANTS, restated so the config layer stays free of torch (--help and
+# print_config start fast); tests/test_config.py checks they agree.
 PROMPT_VARIANTS = ("pad", "expand", "full")
-BUDGET_LOSSES = ("square", "abs", "log")
-THRESHOLDS = ("global", "layer")
 HEADS = ("auto", "keep", "map", "new")
 
 
@@ -130,32 +131,6 @@ class PromptConfig:
     variant: str = _f("pad", "pad (frame over the image), expand (image shrunk inside the frame) or full")
     pad: Optional[int] = _f(None, "frame width in pixels (null: round(16 * res / 224))")
     headline: str = _f("prompt", "which accuracy summaries call top1: prompt or no_prompt")
-
-
-@dataclass
-class PassConfig:
-    use_prompt: bool = _f(True, "ablation: false = no prompt on the inputs, the hypernetwork sees nothing")
-    recurrent: bool = _f(True, "ablation: false = each group decided from its own input, no LSTM state")
-    use_stats: bool = _f(True, "ablation: false = no weight statistics (step embedding only, no prior)")
-    embed_dim: int = _f(64, "d: width of the statistics MLP phi and the step embedding")
-    hidden: int = _f(128, "H: LSTM hidden size")
-    init_bias: float = _f(3.0, "initial bias of the per-group heads (search starts from the full network)")
-    budget_loss: str = _f("square", "square, abs or log")
-    budget_weight: float = _f(2.0, "lambda: weight of the budget term")
-    prompt_lr: float = _f(1e-3, "peak learning rate of the prompt (search.lr applies to the hypernetwork)")
-    bn_train: bool = _f(False, "run the frozen backbone's BatchNorm in train mode during search")
-
-
-@dataclass
-class VpnsConfig:
-    threshold: str = _f("global", "global: one score threshold over all scored layers; layer: the same density per layer")
-    dual_step: bool = _f(True, "after the step on the prompted batch, a second step on the same batch without the prompt")
-    use_prompt: bool = _f(True, "ablation (method=vpns): false = no prompt in search and finetune, all else the same "
-                                "(threshold, optimizer steps per batch: with dual_step both see the plain batch)")
-    prompt_lr: Optional[float] = _f(None, "peak learning rate of the prompt in the search (none: search.lr, the one "
-                                          "rate METHODS.md gives scores and prompt)")
-    exclude_first: bool = _f(False, "do not score (prune) the first conv / patch embedding")
-    exclude_classifier: bool = _f(False, "do not score (prune) the classifier")
 
 
 @dataclass
@@ -217,7 +192,6 @@ class RootConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
-    vpns: VpnsConfig = field(default_factory=VpnsConfig)
     dense: ScheduleConfig = _schedule(epochs=8, lr=0.1, optimizer="sgd", weight_decay=5e-4)
     search: ScheduleConfig = _schedule(epochs=3, lr=1e-3, optimizer="adamw", weight_decay=1e-2)
     finetune: FinetuneConfig = _schedule(FinetuneConfig, epochs=5, lr=0.01, optimizer="sgd", weight_decay=1e-4)
@@ -240,22 +214,21 @@ CHOICES = {
     "data.write_mode": ("raw", "jpg", "smart", "proportion"),
     "prompt.variant": PROMPT_VARIANTS,
     "prompt.headline": ("prompt", "no_prompt"),
-    "pass.budget_loss": BUDGET_LOSSES,
-    "vpns.threshold": THRESHOLDS,
+    **section_choices(),   # the methods' own settings (pass.budget_loss, vpns.threshold, ...)
     "head": HEADS,
     **{f"{s}.{k}": v for s in ("dense", "search", "finetune") for k, v in _SCHEDULE_CHOICES.items()},
 }
 
 
-# Sections whose name is a Python keyword cannot be dataclass fields; they are
-# added to the structured config by name (`cfg["pass"]`, `pass.recurrent=false`).
-KEYWORD_SECTIONS = {"pass": PassConfig}
+# The methods' own sections (`pass.*`, `vpns.*`, ...), declared by each method's module; added to the
+# structured config by name (`cfg["pass"]`: a section may be named like a Python keyword).
+METHOD_SECTIONS = sections()
 
 
 def root_config() -> DictConfig:
-    """The structured config with every schema default (RootConfig plus the keyword-named sections)."""
+    """The structured config with every schema default (RootConfig plus the methods' sections)."""
     cfg = OmegaConf.structured(RootConfig)
     with open_dict(cfg):
-        for name, section in KEYWORD_SECTIONS.items():
+        for name, section in METHOD_SECTIONS.items():
             cfg[name] = OmegaConf.structured(section)
     return cfg

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from pruning.methods import registered
+
 from ..image_files import IMAGE_SUFFIXES, has_an_image
 from .load import ConfigError
 from .schema import CHOICES
@@ -48,8 +50,6 @@ def validate_config(cfg: DictConfig) -> None:
     else:
         _require(d.num_classes is None, "data.num_classes only applies to data=synthetic "
                  "(an ImageFolder's classes are its sub-folders)")
-    _require(cfg.vpns.prompt_lr is None or cfg.vpns.prompt_lr > 0,
-             f"vpns.prompt_lr={cfg.vpns.prompt_lr}: must be positive (or null: search.lr)")
     for key in ("train_per_class", "val_per_class"):
         _require(d[key] is None or (d.name in _IMAGEFOLDER_KINDS and d[key] >= 1),
                  f"data.{key}={d[key]}: must be at least 1, and only applies to ImageFolder data")
@@ -82,10 +82,9 @@ def validate_config(cfg: DictConfig) -> None:
     pad = cfg.prompt.pad
     _require(pad is None or (pad > 0 and 2 * pad < cfg.data.res),
              f"prompt.pad={pad}: the frame must be at least 1 pixel wide and fit a {cfg.data.res}px input")
-    h = cfg["pass"]
-    _require(h.embed_dim > 0 and h.hidden > 0, "pass.embed_dim and pass.hidden must be positive")
-    _require(h.budget_weight >= 0, f"pass.budget_weight={h.budget_weight}: must be >= 0")
-    _require(h.prompt_lr > 0, f"pass.prompt_lr={h.prompt_lr}: must be positive")
+    for method in registered().values():  # every method checks its own section
+        for problem in method().problems(cfg):
+            raise ConfigError(problem)
     _require(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps: must be 0 or more")
     _require(cfg.checkpoint.keep >= 0, "checkpoint.keep: must be 0 or more")
     _require(cfg.log.every_steps >= 1, "log.every_steps: must be at least 1")

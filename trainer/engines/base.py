@@ -12,6 +12,7 @@ updates the weights after the last one.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 from abc import ABC, abstractmethod
@@ -22,6 +23,16 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from ..distributed import DistEnv
+
+# The process group lives as long as the process: a local sweep under torchrun runs its points one after
+# another in the same processes, and destroying and re-creating the group between them races (a process
+# that finished first reconnects to the other's old rendezvous and is reset; seen in tests/test_methods.py).
+_CONTROL_GROUP: list = [None]   # the gloo group of control messages (None: the default group is gloo)
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class Engine(ABC):
@@ -46,6 +57,7 @@ class Engine(ABC):
         self.micro_batches = int(cfg.get("grad_accum_steps", 1))
         if self.world_size > 1 and not dist.is_initialized():
             self._init_process_group()
+        self._control_group = _CONTROL_GROUP[0]
 
     # process group -------------------------------------------------------
     def _backend(self) -> str:
@@ -59,7 +71,8 @@ class Engine(ABC):
                                 timeout=datetime.timedelta(minutes=30))
         # Control messages (the per-step stop vote) go over gloo on the CPU: a CUDA all-reduce read
         # back on the host would stall the GPU queue every step.
-        self._control_group = dist.new_group(backend="gloo") if self._backend() != "gloo" else None
+        _CONTROL_GROUP[0] = dist.new_group(backend="gloo") if self._backend() != "gloo" else None
+        atexit.register(_destroy_process_group)
 
     @property
     def is_main(self) -> bool:
@@ -97,8 +110,7 @@ class Engine(ABC):
         return box[0]
 
     def close(self) -> None:
-        if self.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        """The end of a run. The process group stays for the process's next run (and ends with it)."""
 
     # training ------------------------------------------------------------
     def autocast(self):

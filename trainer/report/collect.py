@@ -13,7 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from ..config.schema import STRUCTURED_METHODS, UNSTRUCTURED_METHODS
+from pruning.methods import STRUCTURED, UNSTRUCTURED, family_of
+
 from ..run_dir import SWEEP_FILE, RunDir
 TRAINING_STAGES = ("dense", "search", "finetune")
 
@@ -29,6 +30,7 @@ class Row:
     method: str
     model: str
     data: str
+    family: str | None = None  # the summaries' "family" (structured, unstructured); None for dense rows
     budget: float | None = None  # flops_ratio target (structured) or density target (unstructured)
     flops_ratio: float | None = None  # achieved kept MACs / dense MACs (unstructured: if masked weights were skipped)
     density: float | None = None  # unstructured: kept weights / scored weights
@@ -46,11 +48,11 @@ class Row:
 
     @property
     def structured(self) -> bool:
-        return self.method in STRUCTURED_METHODS
+        return self.family == STRUCTURED
 
     @property
     def unstructured(self) -> bool:
-        return self.method in UNSTRUCTURED_METHODS
+        return self.family == UNSTRUCTURED
 
     @property
     def label(self) -> str:
@@ -133,9 +135,11 @@ def rows_of_run(root: Path) -> list[Row]:
 
 
 def _pruned_row(name: str, method: str, cfg: dict, summaries: dict, final: dict, curves: dict) -> Row:
-    unstructured = method in UNSTRUCTURED_METHODS
+    # Summaries name their family; those written before they did get it from the registry.
+    family = final.get("family") or family_of(method)
+    unstructured = family == UNSTRUCTURED
     pruning = cfg.get("pruning", {})
-    row = Row(run=name, kind="pruned", method=method, model=final["model"], data=final["data"],
+    row = Row(run=name, kind="pruned", method=method, family=family, model=final["model"], data=final["data"],
               budget=pruning.get("density" if unstructured else "flops_ratio"), params=final.get("params"),
               top1=final["top1"], top1_prompt=final.get("top1_prompt"), top1_no_prompt=final.get("top1_no_prompt"),
               top5=final["top5"], accuracy_from=final["stage"], latency=final.get("latency"),

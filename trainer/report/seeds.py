@@ -4,7 +4,7 @@ A sweep whose axes include `seed` repeats every other setting once per seed. Her
 point's axis values without the seed, plus its method; its runs are summarised by the mean and the
 sample standard deviation over seeds of: accuracy before finetune (the search stage's network) and
 after it, each with and without the prompt, and the achieved budget. For every other axis with two
-values (`pass.use_prompt=true,false`), points that agree on everything else, seed included, are paired
+values (a prompt ablation's `use_prompt=true,false`), points that agree on everything else, seed included, are paired
 and the difference (first value minus second) gets a Student-t 95% interval: the seed's own effect
 (initialisation, sample order) cancels in the pair, so the interval is narrower than the two rows' stds
 suggest. Used by the report and, over several sweeps at once, by `python -m trainer.report.seeds`, which

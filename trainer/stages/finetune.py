@@ -15,6 +15,7 @@ import torch
 
 from pruning.attention import convert_attention
 from pruning.extract import STRUCTURE_FILE, extract
+from pruning.methods import get_method
 
 from ..data import prepare_data
 from ..latency import compare_latency
@@ -25,15 +26,14 @@ from .context import StageContext
 from .product import save_product
 from .heads import classifier_from_state, set_classifier
 from .search import CLASSIFIER_FILE, SEARCH_STATE_FILE
-from .sources import (accuracy_with_and_without_prompt, dense_backbone, dense_source_run, finetune_uses_prompt,
-                      make_prompt, search_result)
+from .sources import accuracy_with_and_without_prompt, dense_backbone, dense_source_run, make_prompt, search_result
 
 LATENCY_BATCH = 32
 
 
 def run_finetune(ctx: StageContext) -> dict:
     cfg, engine = ctx.cfg, ctx.engine
-    method = cfg.method.name
+    method = get_method(cfg.method.name)
     search_dir = search_result(ctx, STRUCTURE_FILE)
     structure = json.loads((search_dir / STRUCTURE_FILE).read_text())
     search = ctx.run.summary("search")
@@ -48,7 +48,7 @@ def run_finetune(ctx: StageContext) -> dict:
     convert_attention(dense)
     pruned = extract(dense, structure)
 
-    prompt = make_prompt(cfg) if finetune_uses_prompt(cfg) else None
+    prompt = make_prompt(cfg) if method.finetune_prompt(cfg) else None
     state_file = search_dir / SEARCH_STATE_FILE
     if prompt is not None and state_file.exists():
         searched = torch.load(state_file, map_location="cpu", weights_only=True)["prompt"]
@@ -59,7 +59,7 @@ def run_finetune(ctx: StageContext) -> dict:
             prompt.program.data.copy_(searched)
     torch.manual_seed(cfg.seed)
     model = engine.prepare_module(ImageClassifier(pruned, prompt))
-    ctx.say(f"finetune: {method} subnetwork of {cfg.model.name} ({structure['flops_ratio']:.3f} of the dense "
+    ctx.say(f"finetune: {method.name} subnetwork of {cfg.model.name} ({structure['flops_ratio']:.3f} of the dense "
             f"FLOPs), prompt {'on' if prompt is not None else 'off'}")
     val = ctx.val_loader(files)
     result = fit(engine=engine, model=model, params=[p for p in model.parameters() if p.requires_grad],
@@ -75,7 +75,8 @@ def run_finetune(ctx: StageContext) -> dict:
                   else evaluate(engine, engine.prepare_module(ImageClassifier(dense)), val)["top1"])
     pruned_net = model.backbone
     summary = {
-        "stage": "finetune", "method": method, "model": cfg.model.name, "data": cfg.data.name,
+        "stage": "finetune", "method": method.name, "family": method.family, "model": cfg.model.name,
+        "data": cfg.data.name,
         "top1": headline["top1"], "top5": headline["top5"], "loss": headline["loss"], "headline": cfg.prompt.headline,
         "top1_prompt": with_prompt["top1"] if prompt is not None else None, "top1_no_prompt": no_prompt["top1"],
         "top1_dense": dense_top1, "top1_before_finetune": search["top1"], "prompt": prompt is not None,
@@ -101,7 +102,7 @@ def run_finetune(ctx: StageContext) -> dict:
                                                             res=cfg.data.res, structure=structure),
                                                write_json(d / "summary.json", summary)))
         lat = summary["latency"]
-        ctx.say(f"finetune: dense top-1 {dense_top1:.2f}% -> {method} top-1 {summary['top1']:.2f}% "
+        ctx.say(f"finetune: dense top-1 {dense_top1:.2f}% -> {method.name} top-1 {summary['top1']:.2f}% "
                 f"(without prompt {summary['top1_no_prompt']:.2f}%); FLOPs {summary['flops_dense'] / 1e6:.1f} M -> "
                 f"{summary['flops'] / 1e6:.1f} M MACs ({summary['flops_ratio_achieved']:.3f}); CPU latency "
                 f"batch {LATENCY_BATCH}: {lat['dense_ms']:.1f} ms -> {lat['pruned_ms']:.1f} ms "

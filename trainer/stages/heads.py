@@ -16,7 +16,6 @@ class count (ImageNet weights on a 10-class set). `head` decides:
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from pruning.label_mapping import greedy_mapping, map_classifier, prediction_counts
@@ -92,7 +91,3 @@ def classifier_from_state(state: dict) -> nn.Linear:
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in state)
     linear.load_state_dict(state)
     return linear
-
-
-def classifier_parameters(backbone: nn.Module) -> list[torch.nn.Parameter]:
-    return list(backbone.get_submodule(classifier_name(backbone)).parameters())

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from pruning.methods import STRUCTURED, UNSTRUCTURED, family_of
+
 from ..distributed import detect_env
 from ..engines import make_engine
 from ..plan import plan  # torch-free (the launcher and stage=status use it); re-exported here
@@ -12,19 +14,20 @@ from .dense import run_dense
 from .evaluate import run_eval
 from .finetune import run_finetune
 from .search import run_search
-from .sources import is_unstructured, require_pruning_method
+from .sources import require_pruning_method
 from .sparse_finetune import run_sparse_finetune
 from .sparse_search import run_sparse_search
 
-STAGE_FUNCTIONS = {"dense": run_dense, "search": run_search, "finetune": run_finetune, "eval": run_eval}
-# search and finetune of the unstructured methods (vpns, hydra, omp, random_unstructured)
-SPARSE_STAGE_FUNCTIONS = {"search": run_sparse_search, "finetune": run_sparse_finetune}
+STAGE_FUNCTIONS = {"dense": run_dense, "eval": run_eval}
+# search and finetune by the family of the method (the registry in pruning/methods says which)
+FAMILY_STAGE_FUNCTIONS = {STRUCTURED: {"search": run_search, "finetune": run_finetune},
+                          UNSTRUCTURED: {"search": run_sparse_search, "finetune": run_sparse_finetune}}
 
 
 def stage_function(stage: str, method: str):
-    if is_unstructured(method) and stage in SPARSE_STAGE_FUNCTIONS:
-        return SPARSE_STAGE_FUNCTIONS[stage]
-    return STAGE_FUNCTIONS[stage]
+    if stage in STAGE_FUNCTIONS:
+        return STAGE_FUNCTIONS[stage]
+    return FAMILY_STAGE_FUNCTIONS[family_of(method)][stage]
 
 
 def write_reports(run: RunDir, say) -> None:

@@ -11,7 +11,6 @@ from torch import nn
 
 from pruning.prompt import PadPrompt
 
-from ..config.schema import UNSTRUCTURED_METHODS
 from ..data import DataFiles
 from ..loop import evaluate
 from ..models import build_backbone, has_weights
@@ -26,10 +25,6 @@ def require_pruning_method(method: str, stage: str) -> None:
     problem = pruning_method_problem(method, stage)
     if problem:
         raise StageNotImplemented(problem)
-
-
-def is_unstructured(method: str) -> bool:
-    return method in UNSTRUCTURED_METHODS
 
 
 def same_on_every_rank(engine, masks: list[torch.Tensor], what: str) -> list[str]:
@@ -98,12 +93,3 @@ def accuracy_with_and_without_prompt(engine, model, loader, with_prompt: dict | 
 
 def make_prompt(cfg: DictConfig) -> PadPrompt:
     return PadPrompt(cfg.data.res, cfg.prompt.pad, cfg.prompt.variant)
-
-
-def finetune_uses_prompt(cfg: DictConfig) -> bool:
-    """finetune.prompt, except for the no-prompt ablations of PASS and VPNs, which have no prompt anywhere."""
-    if cfg.method.name == "pass" and not cfg["pass"].use_prompt:
-        return False
-    if cfg.method.name == "vpns" and not cfg.vpns.use_prompt:
-        return False
-    return bool(cfg.finetune.prompt)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from pruning.methods import get_method
 from pruning.scores import FixedMasks, resolve_weight
 
 from ..data import prepare_data
@@ -23,8 +24,8 @@ from ..models import ImageClassifier, count_parameters
 from ..run_dir import write_json
 from .context import StageContext
 from .product import load_product, save_product
-from .sources import accuracy_with_and_without_prompt, finetune_uses_prompt, make_prompt, search_result
-from .sparse_search import MASKS_FILE, search_views, sparsity_summary
+from .sources import accuracy_with_and_without_prompt, make_prompt, search_result
+from .sparse_search import MASKS_FILE, sparsity_summary
 
 EXPORT_FILE = "torchvision_state_dict.pt"
 
@@ -50,7 +51,7 @@ def masked_nonzeros(backbone: torch.nn.Module, masks: dict) -> int:
 
 def run_sparse_finetune(ctx: StageContext) -> dict:
     cfg, engine = ctx.cfg, ctx.engine
-    method = cfg.method.name
+    method = get_method(cfg.method.name)
     search_dir = search_result(ctx, MASKS_FILE)
     files = prepare_data(cfg.data, is_writer=engine.is_main, barrier=engine.barrier, log=ctx.say)
     searched, blob = load_product(search_dir)
@@ -62,13 +63,13 @@ def run_sparse_finetune(ctx: StageContext) -> dict:
     search = ctx.run.summary("search")
 
     prompt = None
-    if finetune_uses_prompt(cfg):  # the searched prompt (vpns), else a fresh zero prompt
+    if method.finetune_prompt(cfg):  # the searched prompt (when the search had one), else a fresh zero prompt
         prompt = searched.input_transform if "prompt" in blob else make_prompt(cfg)
     torch.manual_seed(cfg.seed)
     model = engine.prepare_module(ImageClassifier(searched.backbone, prompt))  # freshly loaded: all trainable
     fixed = FixedMasks(model.backbone, masks)
-    views = search_views(cfg, model, prompt)  # the search's steps per batch (VPNs' ablation too)
-    ctx.say(f"finetune: {method} network of {cfg.model.name} at density {search['density_achieved']:.4f}, "
+    views = method.finetune_views(cfg, model, prompt)  # the search's steps per batch (an ablation's too)
+    ctx.say(f"finetune: {method.name} network of {cfg.model.name} at density {search['density_achieved']:.4f}, "
             f"prompt {'on' if prompt is not None else 'off'}, {len(views) if views else 1} optimizer step(s) per batch")
     val = ctx.val_loader(files)
     result = fit(engine=engine, model=model, params=list(model.parameters()), schedule=cfg.finetune,
@@ -85,7 +86,8 @@ def run_sparse_finetune(ctx: StageContext) -> dict:
     with_prompt, no_prompt = accuracy_with_and_without_prompt(engine, model, val, result.final)
     headline = with_prompt if cfg.prompt.headline == "prompt" else no_prompt
     summary = {
-        "stage": "finetune", "method": method, "model": cfg.model.name, "data": cfg.data.name,
+        "stage": "finetune", "method": method.name, "family": method.family, "model": cfg.model.name,
+        "data": cfg.data.name,
         "top1": headline["top1"], "top5": headline["top5"], "loss": headline["loss"], "headline": cfg.prompt.headline,
         "top1_prompt": with_prompt["top1"] if prompt is not None else None, "top1_no_prompt": no_prompt["top1"],
         "top1_dense": search["top1_dense"], "top1_before_finetune": search["top1"], "prompt": prompt is not None,
@@ -107,7 +109,7 @@ def run_sparse_finetune(ctx: StageContext) -> dict:
 
         ctx.run.publish("finetune", write)
         dense = f"{summary['top1_dense']:.2f}%" if summary["top1_dense"] is not None else "n/a (new head)"
-        ctx.say(f"finetune: dense top-1 {dense} -> {method} top-1 {summary['top1']:.2f}% "
+        ctx.say(f"finetune: dense top-1 {dense} -> {method.name} top-1 {summary['top1']:.2f}% "
                 f"(without prompt {summary['top1_no_prompt']:.2f}%) at density {summary['density_achieved']:.4f} "
                 f"({summary['weights_kept']:,} of {summary['weights_scored']:,} weights); export: "
                 f"{ctx.run.result('finetune') / EXPORT_FILE}")
