@@ -221,7 +221,7 @@ CHOICES = {
 
 
 # The methods' own sections (`pass.*`, `vpns.*`, ...), declared by each method's module; added to the
-# structured config by name (`cfg["pass"]`: a section may be named like a Python keyword).
+# structured config by name (a section may be named like a Python keyword, so it cannot be a dataclass field).
 METHOD_SECTIONS = sections()
 
 
