@@ -118,6 +118,7 @@ def other_methods_2proc(dense_run, tmp_path_factory, beton_dir):
     def build(root: Path) -> str:
         out = launch(["-m", f"method={','.join(other_methods())}", "stage=all", "run=sw", f"runs_dir={root}",
                       f"data.beton_dir={beton_dir}", f"model.weights={weights}", *TINY, "finetune.epochs=1",
+                      "finetune.prompt=false",  # one plain step per batch: the decisions are what is tested
                       "pruning.flops_ratio=0.4", "pruning.density=0.3"], torchrun=2, timeout=900)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
         return out.stdout
