@@ -47,6 +47,11 @@ class FitResult:
     resumed_from: str | None = None
 
 
+class NonFiniteLoss(ValueError):
+    """Training reached a non-finite loss (or weights): the stage stops on every process, publishes nothing
+    and keeps its last good checkpoint."""
+
+
 def split_output(out) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(logits, extra loss or None) from a module's output."""
     return (out[0], out[1]) if isinstance(out, tuple) else (out, None)
@@ -184,16 +189,37 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
     ckpt = engine.load_checkpoint(checkpoints, log=lambda m: _say(engine, m)) if resume else None
     epoch, batch, step, elapsed, history = _restore(engine, ckpt, view_names, meters, log, desc)
     result = FitResult(resumed_from=ckpt["_path"] if ckpt is not None else None)
+    # The first step whose loss was not finite, kept on the device (no sync per step); checked wherever the
+    # loop syncs anyway: before a metrics record, a checkpoint and the epoch's end (all after an all-reduce,
+    # so every process stops at the same point).
+    first_bad = torch.full((), -1, dtype=torch.long, device=engine.device)
+    last_good = [ckpt["_path"] if ckpt is not None else None]
+
+    def stop_if_not_finite(summed: torch.Tensor, weights: bool = False) -> None:
+        ok = bool(torch.isfinite(summed).all())
+        if ok and weights:  # a finite loss can still leave non-finite weights behind (its gradient was not)
+            ok = all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
+        if ok:
+            return
+        bad = int(first_bad.item()) if int(first_bad.item()) >= 0 else step
+        log.close()
+        raise NonFiniteLoss(
+            f"{desc}: the loss is not finite ({float(summed[0] / summed[2].clamp(min=1)):.4g}) from step {bad} "
+            f"(epoch {epoch + 1}); nothing was published, the last good checkpoint is "
+            f"{last_good[0] or 'none (the run starts over)'}. Try a lower {desc}.lr, {desc}.warmup_epochs or "
+            f"{desc}.grad_clip")
     session_start = time.time()
 
     def save(next_epoch: int, next_batch: int, epoch_meters: torch.Tensor) -> Path:
         summed = engine.all_reduce_sum(epoch_meters.clone())  # collective: every rank calls save
-        return engine.save_checkpoint(
+        stop_if_not_finite(summed, weights=True)  # never overwrite a good checkpoint with a broken state
+        last_good[0] = engine.save_checkpoint(
             checkpoints, {"epoch": next_epoch, "batch": next_batch, "step": step, "meters": summed.cpu(),
                           "history": history, "rng": torch.get_rng_state(),
                           "elapsed": elapsed + time.time() - session_start, "world_size": engine.world_size,
                           "views": view_names},
             step, keep=checkpoint_cfg.keep)
+        return last_good[0]
 
     interactive = sys.stderr.isatty()
     step_delay = float(os.environ.get(STEP_DELAY_ENV) or 0)
@@ -212,9 +238,12 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
             step += 1
             seen += len(labels)
             count = torch.tensor(float(len(labels)), device=engine.device, dtype=torch.float64)
-            meters += torch.stack([losses[0], topk_correct(logits, labels, ks=(1,))[0].double(), count, *losses[1:]])
+            step_meters = torch.stack([losses[0], topk_correct(logits, labels, ks=(1,))[0].double(), count, *losses[1:]])
+            meters += step_meters
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_meters).all(), step, first_bad)
             if step % log_cfg.every_steps == 0:
                 running = engine.all_reduce_sum(meters.clone())
+                stop_if_not_finite(running)  # before the record: metrics.jsonl ends at the last finite step
                 record = {"kind": "train", "step": step, "epoch": epoch + (batch + 1) / steps_per_epoch,
                           "loss": running[0].item() / running[2].item(), "lr": engine.scheduler.get_last_lr()[0],
                           **_view_losses(views, running), **getattr(model, "last", {})}
@@ -236,6 +265,7 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
         bar.close()
         seconds = time.time() - t0
         train = engine.all_reduce_sum(meters.clone())
+        stop_if_not_finite(train)
         val = evaluate(engine, engine.raw, val_loader, loss_fn)
         record = {"kind": "epoch", "step": step, "epoch": epoch + 1,
                   "train_loss": train[0].item() / train[2].item(), "train_top1": 100 * train[1].item() / train[2].item(),
