@@ -45,6 +45,9 @@ def test_group_and_key_overrides(tmp_path):
     (["dense"], "cannot read 'dense': arguments are key=value"),
     (["data.res=true"], "data.res=true: expected an integer"),
     (["data.train_per_class=50"], "data.train_per_class=50: must be at least 1, and only applies to ImageFolder data"),
+    (["cluster.nodes=0"], "cluster.nodes=0: must be at least 1"),
+    (["cluster.tasks_per_node=0"], "cluster.tasks_per_node=0: must be at least 1 (or null)"),
+    (["cluster.timeout_min=1", "cluster.signal_delay_s=120"], "cluster.signal_delay_s=120: must be shorter than"),
 ])
 def test_bad_values_name_the_key(tokens, expected):
     assert expected in _error_of(tokens)

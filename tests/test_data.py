@@ -139,6 +139,13 @@ def test_image_folder_errors(tmp_path):
     root = write_image_folder(tmp_path / "tree", per_class=1, num_classes=2)
     with pytest.raises(DataError, match="not among the 1 classes"):
         scan_image_folder(root, classes=("class_0",))
+    # an empty class folder is named (torchvision's ImageFolder refuses the tree), or left out on request
+    (root / "class_00_empty").mkdir()
+    with pytest.raises(DataError, match=r"class_00_empty: an empty class folder, .*data.empty_classes=skip"):
+        scan_image_folder(root)
+    skipped = scan_image_folder(root, empty="skip")
+    assert skipped.classes == ("class_0", "class_1") and sorted(skipped.labels) == [0, 1]
+    assert scan_image_folder(root, classes=("class_00_empty", "class_0", "class_1")).labels == (1, 2)
 
 
 def test_imagefolder_betons_with_carved_split(tmp_path):

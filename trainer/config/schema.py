@@ -46,6 +46,8 @@ class DataConfig:
     train_per_class: Optional[int] = _f(None, "ImageFolder: train on at most this many images per class (a seeded "
                                                  "choice after the split; none: all). For small protocols")
     val_per_class: Optional[int] = _f(None, "ImageFolder: evaluate on at most this many images per class (none: all)")
+    empty_classes: str = _f("error", "ImageFolder: a class folder without images stops the run (error, naming it) or "
+                                     "is left out (skip)")
     res: int = _f(32, "training and evaluation resolution in pixels")
     val_crop_ratio: float = _f(0.875, "center-crop side / shorter image side at evaluation (224/256)")
     augment: bool = _f(True, "random-resized-crop + flip for training (false: the evaluation center crop)")
@@ -212,6 +214,7 @@ CHOICES = {
     "engine.name": ("ddp", "deepspeed"),
     "engine.zero_stage": (1, 2, 3),
     "data.write_mode": ("raw", "jpg", "smart", "proportion"),
+    "data.empty_classes": ("error", "skip"),
     "prompt.variant": PROMPT_VARIANTS,
     "prompt.headline": ("prompt", "no_prompt"),
     **section_choices(),   # the methods' own settings (pass.budget_loss, vpns.threshold, ...)

@@ -82,6 +82,16 @@ def validate_config(cfg: DictConfig) -> None:
     pad = cfg.prompt.pad
     _require(pad is None or (pad > 0 and 2 * pad < cfg.data.res),
              f"prompt.pad={pad}: the frame must be at least 1 pixel wide and fit a {cfg.data.res}px input")
+    c = cfg.cluster  # checked here, before anything is submitted (sbatch's own errors are long and late)
+    for key, low in (("nodes", 1), ("gpus_per_node", 0), ("cpus_per_task", 1), ("timeout_min", 1),
+                     ("signal_delay_s", 0), ("max_timeouts", 0), ("array_parallelism", 1)):
+        _require(c[key] >= low, f"cluster.{key}={c[key]}: must be at least {low}")
+    _require(c.tasks_per_node is None or c.tasks_per_node >= 1,
+             f"cluster.tasks_per_node={c.tasks_per_node}: must be at least 1 (or null)")
+    _require(c.mem_gb is None or c.mem_gb > 0, f"cluster.mem_gb={c.mem_gb}: must be positive (or null)")
+    _require(c.signal_delay_s < 60 * c.timeout_min,
+             f"cluster.signal_delay_s={c.signal_delay_s}: must be shorter than cluster.timeout_min={c.timeout_min} "
+             f"minutes, or the job is signalled before it starts")
     for method in registered().values():  # every method checks its own section
         for problem in method().problems(cfg):
             raise ConfigError(problem)

@@ -33,11 +33,17 @@ class ImageList:
         return ImageList(tuple(self.paths[i] for i in idx), tuple(self.labels[i] for i in idx), self.classes)
 
 
-def scan_image_folder(root: str | Path, classes: tuple[str, ...] | None = None) -> ImageList:
+EMPTY_CLASSES = ("error", "skip")
+
+
+def scan_image_folder(root: str | Path, classes: tuple[str, ...] | None = None, empty: str = "error") -> ImageList:
     """List the images of an ImageFolder tree.
 
     With `classes` given (a validation tree evaluated against a trained model),
-    labels index into that list and a folder it lacks is an error.
+    labels index into that list and a folder it lacks is an error. Otherwise the
+    classes are the tree's folders, and a folder without images is an error
+    (torchvision's ImageFolder refuses it too: the head would get a class that
+    never occurs) or, with `empty="skip"`, left out.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -45,6 +51,7 @@ def scan_image_folder(root: str | Path, classes: tuple[str, ...] | None = None) 
     found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not found:
         raise DataError(f"{root}: no class sub-folders (expected {root}/<class>/<image>)")
+    own_classes = classes is None  # a training tree: its folders are the classes
     classes = tuple(found) if classes is None else tuple(classes)
     index = {c: i for i, c in enumerate(classes)}
     unknown = [c for c in found if c not in index]
@@ -60,6 +67,16 @@ def scan_image_folder(root: str | Path, classes: tuple[str, ...] | None = None) 
     if not paths:
         raise DataError(f"{root}: no images found in its {len(found)} class folders "
                         f"(looked for {', '.join(IMAGE_SUFFIXES)})")
+    present = set(labels)
+    empties = [c for c in found if index[c] not in present] if own_classes else []
+    if empties and empty == "skip":
+        kept = tuple(c for c in classes if c not in empties)
+        relabel = {index[c]: i for i, c in enumerate(kept)}
+        return ImageList(tuple(paths), tuple(relabel[l] for l in labels), kept)
+    if empties:
+        more = f" (and {len(empties) - 1} more)" if len(empties) > 1 else ""
+        raise DataError(f"{root / empties[0]}: an empty class folder{more}, no {', '.join(IMAGE_SUFFIXES)} images; "
+                        f"remove it, or data.empty_classes=skip leaves it out")
     return ImageList(tuple(paths), tuple(labels), classes)
 
 
