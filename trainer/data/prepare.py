@@ -98,14 +98,16 @@ def prepare_data(d: DictConfig, *, is_writer: bool, barrier: Callable[[], None] 
     else:
         train_dir = str(Path(d.train_dir).expanduser().resolve())
         val_dir = str(Path(d.val_dir).expanduser().resolve()) if d.val_dir else None
-        all_train = scan_image_folder(train_dir, empty=d.empty_classes)  # fails fast on an empty or odd tree
+        # .get: a run's stored config.yaml from before the key existed, read as it is (benchmarks)
+        empty = d.get("empty_classes", "error")
+        all_train = scan_image_folder(train_dir, empty=empty)  # fails fast on an empty or odd tree
         spec = dict(kind="imagefolder", train=train_dir, val=val_dir, count=len(all_train),
                     val_fraction=None if val_dir else d.val_fraction,
                     split_seed=None if val_dir else d.split_seed, **_writer_settings(d))
         # Only when set, so that the cache keys of full splits stay those written before these keys existed.
         spec.update({k: d[k] for k in ("train_per_class", "val_per_class") if d[k] is not None})
-        if d.empty_classes != "error":
-            spec["empty_classes"] = d.empty_classes
+        if empty != "error":
+            spec["empty_classes"] = empty
         key = f"{Path(train_dir).parent.name}-{Path(train_dir).name}-{cache_key(**spec)}"
         if val_dir:
             train_list, val_list = all_train, scan_image_folder(val_dir, classes=all_train.classes)
