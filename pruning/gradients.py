@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .classifier import ImageClassifier
+from .graph import all_trainable
 
 
 def average_loss_gradients(backbone: nn.Module, batches: Iterable, all_reduce_sum: Callable,
@@ -24,15 +25,14 @@ def average_loss_gradients(backbone: nn.Module, batches: Iterable, all_reduce_su
     was_training = model.training
     model.eval()
     params = list(backbone.parameters())
-    frozen = [p for p in params if not p.requires_grad]
     for p in params:
-        p.requires_grad_(True)
         p.grad = None
     count, seen = 0, 0
     try:
-        for images, labels, *_ in batches:
-            F.cross_entropy(model(images), labels).backward()
-            count, seen = count + 1, seen + len(labels)
+        with all_trainable(backbone):
+            for images, labels, *_ in batches:
+                F.cross_entropy(model(images), labels).backward()
+                count, seen = count + 1, seen + len(labels)
         if count == 0:
             raise ValueError("no batches to take gradients over")
         for p in params:
@@ -41,8 +41,6 @@ def average_loss_gradients(backbone: nn.Module, batches: Iterable, all_reduce_su
             all_reduce_sum(p.grad)
             p.grad.div_(count * world_size)
     finally:
-        for p in frozen:
-            p.requires_grad_(False)
         model.train(was_training)
     return seen
 

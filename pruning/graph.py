@@ -20,6 +20,7 @@ FLOPs model, the weight statistics and extraction all read that table.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
 
@@ -67,6 +68,20 @@ class PruneGraph:
         return [g.size for g in self.groups]
 
 
+@contextlib.contextmanager
+def all_trainable(model: nn.Module):
+    """Every parameter requires grad inside the block; the frozen ones are frozen again after it (Torch-Pruning
+    leaves out layers whose weights are frozen, and gradients need them unfrozen)."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield model
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
 def last_linear(model: nn.Module) -> str:
     """Dotted name of the last Linear registered: the classifier of every torchvision architecture."""
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -110,17 +125,10 @@ def build_graph(model: nn.Module, res: int, *, residual: bool = True, head: str 
     names = {m: n for n, m in model.named_modules()}
     param_names = {id(p): n for n, p in model.named_parameters()}
     head = head or last_linear(model)
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    for p in frozen:   # Torch-Pruning silently skips layers whose weights are frozen
-        p.requires_grad_(True)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "unwrapped parameters detected": pruning their last dim is intended
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
-            tp_groups = dg.get_all_groups(root_module_types=[nn.Conv2d, nn.Linear, nn.MultiheadAttention])
-    finally:
-        for p in frozen:
-            p.requires_grad_(False)
+    with all_trainable(model), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "unwrapped parameters detected": pruning their last dim is intended
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        tp_groups = dg.get_all_groups(root_module_types=[nn.Conv2d, nn.Linear, nn.MultiheadAttention])
 
     raw = []
     for tp_group in tp_groups:

@@ -198,7 +198,8 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
     def stop_if_not_finite(summed: torch.Tensor, weights: bool = False) -> None:
         ok = bool(torch.isfinite(summed).all())
         if ok and weights:  # a finite loss can still leave non-finite weights behind (its gradient was not)
-            ok = all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
+            trained = [torch.isfinite(p).all() for p in model.parameters() if p.requires_grad]
+            ok = bool(torch.stack(trained).all()) if trained else True
         if ok:
             return
         bad = int(first_bad.item()) if int(first_bad.item()) >= 0 else step

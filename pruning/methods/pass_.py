@@ -69,7 +69,7 @@ class Pass(StructuredMethod):
         net = PassSearchNetwork(job.backbone, res=cfg.data.res, prompt=prompt, pass_cfg=h,
                                 flops_ratio=cfg.pruning.flops_ratio, residual=cfg.pruning.residual,
                                 head=job.head_name)
-        head = [p for n, p in job.backbone.named_parameters() if n.startswith(f"{job.head_name}.")]
+        head = list(job.backbone.get_submodule(job.head_name).parameters())
         if job.train_head:  # a fresh classifier (head=new) cannot stay frozen: it trains with the hypernetwork
             for p in head:
                 p.requires_grad_(True)

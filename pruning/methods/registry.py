@@ -17,6 +17,7 @@ the registry): a method module imports torch and its helpers inside its function
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Protocol
@@ -27,9 +28,10 @@ FAMILY_BUDGET = {STRUCTURED: "pruning.flops_ratio", UNSTRUCTURED: "pruning.densi
 
 
 def setting(default, help: str):
-    """A config field with its help line (the same form as trainer/config/schema.py's fields)."""
+    """A config field with its help line (mutable defaults go through default_factory). The config schema
+    (trainer/config/schema.py) declares its fields with it too."""
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 

@@ -51,15 +51,14 @@ def torch_pruning_importance(job, graph, importance) -> list:
     import torch_pruning as tp
     from torch import nn
 
+    from ..graph import all_trainable
+
     backbone = job.backbone
     heads = [g.name for g in graph.groups if g.kind != "channels"]
     if heads:
         raise ValueError(f"method={job.cfg.method.name} scores channel groups with Torch-Pruning; this network has "
                          f"attention-head groups ({heads[0]}, ...): use pass, l1, random or uniform for it")
-    frozen = [p for p in backbone.parameters() if not p.requires_grad]
-    for p in frozen:  # Torch-Pruning leaves out layers whose weights are frozen
-        p.requires_grad_(True)
-    try:
+    with all_trainable(backbone):  # Torch-Pruning leaves out layers whose weights are frozen
         device = next(backbone.parameters()).device
         example = torch.zeros(1, 3, job.cfg.data.res, job.cfg.data.res, device=device)
         dependencies = tp.DependencyGraph().build_dependency(backbone, example_inputs=example)
@@ -69,7 +68,4 @@ def torch_pruning_importance(job, graph, importance) -> list:
             handler = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else tp.prune_linear_out_channels
             group = dependencies.get_pruning_group(root, handler, idxs=list(range(g.size)))
             scores.append(importance(group).detach().float().cpu())
-    finally:
-        for p in frozen:
-            p.requires_grad_(False)
     return scores

@@ -82,9 +82,8 @@ class ScoreSearch(UnstructuredMethod):
         for p in job.backbone.parameters():  # weights and norm affine frozen; the norms' statistics still update
             p.requires_grad_(False)
         if job.train_head:
-            for n, p in job.backbone.named_parameters():
-                if n.startswith(f"{job.head_name}."):
-                    p.requires_grad_(True)
+            for p in job.backbone.get_submodule(job.head_name).parameters():
+                p.requires_grad_(True)
         scores = ScoreMasks(job.backbone, cfg.pruning.density, threshold=s.threshold, exclude_first=s.exclude_first,
                             exclude_classifier=s.exclude_classifier)
         model = job.prepare(ImageClassifier(job.backbone, prompt))

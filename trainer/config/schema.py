@@ -8,13 +8,12 @@ from a fixed set are listed in CHOICES and checked in `validate.py`.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pruning.methods import STRUCTURED, UNSTRUCTURED, method_names, section_choices, sections
+from pruning.methods import STRUCTURED, UNSTRUCTURED, method_names, section_choices, sections, setting
 
 GROUPS = ("model", "data", "method", "engine", "cluster")
 STAGES = ("dense", "search", "finetune", "eval", "all")
@@ -23,11 +22,7 @@ JOB_COMMANDS = ("status", "cancel", "report")
 CLUSTERS = ("local", "slurm", "debug")
 
 
-def _f(default, help: str):
-    """A field with a help string (mutable defaults go through default_factory)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+_f = setting  # a field with its help line, the same helper the methods' sections use
 
 
 @dataclass
