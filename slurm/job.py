@@ -9,6 +9,7 @@ which resume from their latest checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -17,6 +18,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .records import read_state, write_state
+
+
+LOCK_WAIT_S = 120.0
 
 
 class StageJob:
@@ -33,6 +37,7 @@ class StageJob:
         import submitit
 
         from trainer.preemption import STOP, Preempted
+        from trainer.run_lock import run_lock
         from trainer.stages import run_stages
 
         env = submitit.JobEnvironment()
@@ -48,7 +53,11 @@ class StageJob:
             write_state(root, self.stages, job_id, "running", tasks=env.num_tasks, nodes=env.num_nodes)
         STOP.arm(grace_s=max(10.0, cfg.cluster.signal_delay_s / 2))
         try:
-            summary = run_stages(cfg, self.stages)
+            # One writer per run: a local launch of this run, or an older job that outlives its cancel, makes
+            # this one fail clearly, after a wait as long as SLURM gives a cancelled job to end (KillWait).
+            lock = run_lock(root, wait_s=LOCK_WAIT_S, say=print) if main else contextlib.nullcontext()
+            with lock:
+                summary = run_stages(cfg, self.stages)
         except Preempted as stop:
             self._requeue(main, root, job_id, stop)
             raise  # only reached when no requeue handler exists (cluster=debug)

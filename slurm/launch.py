@@ -13,6 +13,7 @@ one of them, or a sweep of it.
 """
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 
@@ -56,14 +57,28 @@ def _finished_note(cfg) -> str | None:
 
 
 def _run_here(cfg) -> None:
+    from trainer.distributed import detect_env  # torch-free; the runner's engine.is_main is the same rank test
+
+    main = detect_env().rank == 0  # under torchrun or srun, the main process speaks (and locks) for all
     note = _finished_note(cfg)
     if note is not None:
-        from trainer.distributed import detect_env  # torch-free; the runner's engine.is_main is the same rank test
-        if detect_env().rank == 0:  # under torchrun or srun, the main process speaks for all
+        if main:
             print(note, flush=True)
         return
-    from trainer.stages import run_stages
-    run_stages(cfg)
+    with _one_writer(cfg, main):
+        from trainer.stages import run_stages
+        run_stages(cfg)
+
+
+def _one_writer(cfg, main: bool, root: Path | None = None, what: str = "run"):
+    """The run's lock (trainer/run_lock.py), taken by the main process before torch is imported; a fresh
+    run (resume=never) gets a new timestamped directory of its own and needs none."""
+    import contextlib
+
+    if not main or cfg.resume == "never":
+        return contextlib.nullcontext()
+    from trainer.run_lock import run_lock
+    return run_lock(root or Path(cfg.runs_dir).expanduser() / cfg.run, what)
 
 
 def _user_errors() -> tuple:
@@ -83,6 +98,7 @@ def main(argv: list[str]) -> int:
     from omegaconf import OmegaConf
 
     from trainer.config import ConfigError, help_text, load_config, validate_config
+    from trainer.run_lock import RunLocked
 
     if any(a in ("-h", "--help") for a in argv):
         print(help_text())
@@ -115,10 +131,16 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunLocked as e:  # before _user_errors(): a second launch answers without importing torch
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; relaunch the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
     except Exception as e:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk is the user's to fix
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         if isinstance(e, _user_errors()):
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -136,20 +158,31 @@ def _sweep(tokens: list[str]) -> int:
                         + [f"{p['run']}: {p['overrides']}" + (f" (prunes {p['dense_run']})" if p.get("dense_run") else "")
                            for p in listing]))
         return 0
-    write_sweep_file(root, base, listing, tokens, shared)
-    print(f"sweep '{root.name}': {len(points)} points in {root}"
-          + (f", pruning {len(shared)} shared dense run(s): {', '.join(d.run for d in shared)}" if shared else ""))
-    if base.cluster.name == "local":
-        for cfg in shared:
-            print(f"== shared dense run: {cfg.run}", flush=True)
-            _run_here(cfg)
-        for i, cfg in enumerate(points, 1):
-            print(f"== point {i}/{len(points)}: {cfg.run}", flush=True)
-            _run_here(cfg)
-    else:
+    if base.cluster.name != "local":
+        write_sweep_file(root, base, listing, tokens, shared)
+        _say_sweep(root, points, shared)
         submit_sweep(points, root, base, shared=shared)
         print(f"follow with: python slurm/launch.py stage=status run={root.name}")
+        return 0
+    from trainer.distributed import detect_env
+    main = detect_env().rank == 0  # under torchrun every rank walks the sweep; the main one speaks and writes
+    with _one_writer(base, main, root, "sweep"):  # before sweep.json is written again
+        if main:
+            write_sweep_file(root, base, listing, tokens, shared)
+            _say_sweep(root, points, shared)
+        say = print if main else (lambda *a, **k: None)
+        for cfg in shared:
+            say(f"== shared dense run: {cfg.run}", flush=True)
+            _run_here(cfg)
+        for i, cfg in enumerate(points, 1):
+            say(f"== point {i}/{len(points)}: {cfg.run}", flush=True)
+            _run_here(cfg)
     return 0
+
+
+def _say_sweep(root: Path, points: list, shared: list) -> None:
+    print(f"sweep '{root.name}': {len(points)} points in {root}"
+          + (f", pruning {len(shared)} shared dense run(s): {', '.join(d.run for d in shared)}" if shared else ""))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PASS_SEARCH, STEP_DELAY_ENV, STEP_DELAY_FRESH_ONLY_ENV, TINY, copy_dense, launch, pass_args, read_json, reached_step
+from conftest import DENSE_ARGS, PASS_SEARCH, STEP_DELAY_ENV, STEP_DELAY_FRESH_ONLY_ENV, TINY, copy_dense, launch, pass_args, read_json, reached_step
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -169,10 +169,14 @@ def test_time_limit_requeues_until_done_and_a_spent_timeout_count_fails_clearly(
 
 def test_stage_all_chains_finetune_after_search_and_skips_it_when_search_fails(slurm_cluster, dense_run, tmp_path,
                                                                                beton_dir):
-    good, bad = copy_dense(dense_run, tmp_path / "good"), copy_dense(dense_run, tmp_path / "bad")
+    """Also: a dense job whose loss turns NaN (dense.lr=1e12) is recorded as failed with the reason, once, and
+    SLURM does not requeue it."""
+    good, bad, nan = copy_dense(dense_run, tmp_path / "good"), copy_dense(dense_run, tmp_path / "bad"), tmp_path / "nan"
     (bad / "r/dense/result/model.pt").write_bytes(b"not a checkpoint")  # the search will fail loading it
     _submit(slurm_cluster, _args(good, beton_dir, "stage=all"))
     _submit(slurm_cluster, _args(bad, beton_dir, "stage=all"))
+    _submit(slurm_cluster, [f"runs_dir={nan}", f"data.beton_dir={beton_dir}", *DENSE_ARGS, "stage=dense",
+                            "dense.lr=1e12", "dense.epochs=1"])
 
     search, finetune = _jobs(good / "r")
     assert search["stages"] == ["search"] and finetune["stages"] == ["finetune", "eval"]
@@ -192,6 +196,14 @@ def test_stage_all_chains_finetune_after_search_and_skips_it_when_search_fails(s
     finetune_line = next(line for line in status.splitlines() if line.strip().startswith("finetune"))
     assert "failed" in search_line and "model.pt" in search_line, status
     assert "not run" in finetune_line and "search did not succeed" in finetune_line, status
+
+    nan_job = _jobs(nan / "r")[0]["job_id"]
+    _wait(slurm_cluster, lambda: _state(nan / "r", "dense").get("state") == "failed", "the NaN job to fail", nan / "r")
+    _wait(slurm_cluster, lambda: slurm_cluster.squeue_states([nan_job]).get(nan_job) not in
+          ("PENDING", "RUNNING", "COMPLETING", "REQUEUED"), "SLURM to end the NaN job", nan / "r", timeout=120)
+    failed = _state(nan / "r", "dense")
+    assert failed["reason"].startswith("NonFiniteLoss: dense: the loss is not finite") and failed["starts"] == 1, failed
+    assert slurm_cluster.job(nan_job).get("Restarts") == "0" and not (nan / "r/dense/result").exists()
 
 
 def test_sweep_of_four_points_is_one_array(slurm_cluster, dense_run, tmp_path, beton_dir):

@@ -2,26 +2,66 @@
 
 `last.pt` is replaced by rename only after the new file is fully written and
 synced; the previous `last.pt` is kept as `prev-<step>.pt` (the newest `keep`
-of them), so a damaged `last.pt` still leaves something to resume from.
+of them), so a damaged `last.pt` still leaves something to resume from. A write that fails (a full disk) removes its
+temporary file and leaves every existing checkpoint as it was.
 """
 from __future__ import annotations
 
+import errno
+import io
 import os
+import shutil
 from pathlib import Path
 
 import torch
 
 from .run_dir import checkpoint_candidates
 
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFull(OSError):
+    """No room for a checkpoint; str(e) is one line."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+class _RememberedWriteError(io.FileIO):
+    """A file that keeps the OSError of its failed write: torch.save reports a full disk only as an opaque
+    RuntimeError ("unexpected pos ...")."""
+    error: OSError | None = None
+
+    def write(self, data):
+        try:
+            return super().write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
 
 def _write_synced(obj, path: Path) -> Path:
     """Write `obj` fully to a temporary file next to `path` and return it (nothing at `path` changes yet)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    raw = _RememberedWriteError(tmp, "wb")
+    try:
+        with io.BufferedWriter(raw) as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        cause = raw.error or (e if isinstance(e, OSError) else None)
+        if cause is not None and cause.errno in _NO_SPACE:
+            free = shutil.disk_usage(path.parent).free / 2**20
+            raise DiskFull(f"the disk is full: writing {path} failed ({os.strerror(cause.errno)}; {free:.1f} MiB "
+                           f"free on {path.parent} after removing the partial file); the checkpoints already "
+                           f"there are kept. Free some space and relaunch the same command to resume") from None
+        raise
     return tmp
 
 

@@ -1,6 +1,7 @@
 """The run directory contract (see DESIGN.md):
 
     runs/<run>/config.yaml                the resolved config, written once
+    runs/<run>/.lock                      flock(2) of the process running the run (trainer/run_lock.py)
     runs/<run>/<stage>/checkpoints/       last.pt and a few older ones
     runs/<run>/<stage>/metrics.jsonl      one record per logged step / epoch
     runs/<run>/<stage>/result/            the stage's product; its existence means "done"
