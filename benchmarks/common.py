@@ -19,7 +19,10 @@ from pathlib import Path
 import torch
 import torchvision
 
+from pruning.classifier import ImageClassifier
+from pruning.methods.unstructured import prompt_views
 from pruning.pass_network import PassSearchNetwork
+from pruning.scores import ScoreMasks
 from trainer.config.load import load_config
 from trainer.loop import optimizer_step
 from trainer.optim import make_optimizer, make_scheduler
@@ -173,4 +176,22 @@ def pass_search_step(cfg, engine, backbone) -> TrainStep:
         params.append({"params": prompt_params, "lr": h.prompt_lr})
     step = TrainStep(cfg, engine, net, params, cfg.search)
     step.groups = len(net.graph.groups)
+    return step
+
+
+def vpns_search_step(cfg, engine, backbone) -> TrainStep:
+    """The VPNs search step over `backbone`, built as pruning/methods/unstructured.py (ScoreSearch) builds it:
+    weights frozen, ScoreMasks on every scored weight (global threshold after every optimizer step), the pad
+    prompt, the search schedule's optimizer on scores + prompt; with vpns.dual_step (the default) two views,
+    prompted then unprompted, each one optimizer step."""
+    prompt = make_prompt(cfg)
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    v = cfg.vpns
+    scores = ScoreMasks(backbone, cfg.pruning.density, threshold=v.threshold, exclude_first=v.exclude_first,
+                        exclude_classifier=v.exclude_classifier)
+    model = engine.prepare_module(ImageClassifier(backbone, prompt))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    step = TrainStep(cfg, engine, model, trainable, cfg.search, views=prompt_views(model, v.dual_step))
+    step.scores = scores
     return step

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Images/second per GPU of the dense, PASS search and finetune training steps, and the fraction of peak.
+"""Images/second per GPU of the dense, PASS search, VPNs search and finetune training steps, and the fraction of peak.
 
     python benchmarks/gpu_throughput.py [--model resnet50] [--res 176] [--batch 256] [--steps 20] \
         [--repeats 5] [--peak-tflops N] [--out gpu_throughput.json]
@@ -8,7 +8,7 @@
 One process, one GPU (no DDP all-reduce: a multi-GPU run adds its gradient
 communication on top), bf16 autocast and channels_last (the engine's
 settings on a GPU), synthetic uint8 images made once on the GPU (no data
-loading is timed). Three training steps, each built the way its stage builds
+loading is timed). Four training steps, each built the way its stage builds
 it and run through the loop's inner body (trainer/loop.py fit: forward under
 autocast, cross-entropy + extra loss, engine.backward, engine.step):
 
@@ -16,6 +16,11 @@ autocast, cross-entropy + extra loss, engine.backward, engine.step):
   pass      trainer/stages/search.py: PassSearchNetwork (frozen backbone,
             hypernetwork, channel masks, prompt, FLOPs model, budget loss),
             AdamW on hypernetwork + prompt;
+  vpns      pruning/methods/unstructured.py (ScoreSearch): frozen weights,
+            score masks (global top-k after every optimizer step), prompt;
+            with vpns.dual_step (the default) two optimizer steps per batch,
+            prompted then unprompted, so its images/s counts batches, each
+            of two sub-steps;
   finetune  trainer/stages/finetune.py: the physically smaller network
             extracted (pruning/extract.py) at --flops-ratio with a structured
             baseline's choice of channels (pruning/baselines.py, default
@@ -56,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.common import (TrainStep, argument_parser, machine_info, parse_args, pass_search_step,  # noqa: E402
-                               stage_config, sync, write_report)
+                               stage_config, sync, vpns_search_step, write_report)
 from pruning.attention import convert_attention  # noqa: E402
 from pruning.baselines import select_baseline  # noqa: E402
 from pruning.extract import extract, make_structure  # noqa: E402
@@ -69,7 +74,7 @@ from trainer.models import ImageClassifier, build_backbone, count_macs, flop_cou
 from pruning.methods import get_method  # noqa: E402
 from trainer.stages.sources import make_prompt  # noqa: E402  (imports FFCV)
 
-KINDS = ("dense", "pass", "finetune")
+KINDS = ("dense", "pass", "vpns", "finetune")
 # Dense bf16 tensor-core peak in TFLOP/s (no 2:4 sparsity), from NVIDIA's data sheets.
 # Matched against torch.cuda.get_device_name() in this order (the first substring found wins).
 PEAK_BF16_TFLOPS = (
@@ -136,6 +141,17 @@ def build_pass(args, runs_dir: str) -> TrainStep:
     return step
 
 
+def build_vpns(args, runs_dir: str) -> TrainStep:
+    cfg = gpu_stage_config(args, "vpns", runs_dir)
+    engine = DDPEngine(cfg.engine, DistEnv())
+    torch.manual_seed(cfg.seed)
+    backbone = build_backbone(args.model, args.classes, args.res)
+    macs = count_macs(backbone, args.res)  # masks multiply: the dense cost, once per view
+    step = vpns_search_step(cfg, engine, backbone)
+    step.macs = macs
+    return step
+
+
 def finetune_structure(args, cfg, dense) -> dict:
     """A structure.json: from --structure PATH, or chosen now by a structured baseline (search.py's way)."""
     if args.structure not in ("uniform", "l1", "random"):
@@ -171,7 +187,7 @@ def build_finetune(args, runs_dir: str) -> TrainStep:
     return step
 
 
-BUILDERS = {"dense": build_dense, "pass": build_pass, "finetune": build_finetune}
+BUILDERS = {"dense": build_dense, "pass": build_pass, "vpns": build_vpns, "finetune": build_finetune}
 
 
 # --------------------------------------------------------------------------- measuring
@@ -185,18 +201,25 @@ def counted_flops(step: TrainStep, images, labels) -> int:
     return int(counter.get_total_flops())
 
 
-def run(args) -> dict:
-    device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
-    results, peak_mem = {}, {}
-    with tempfile.TemporaryDirectory() as runs_dir:  # load_config looks for a stored run there: none
-        steps = {kind: BUILDERS[kind](args, runs_dir) for kind in args.kinds}
-    channels_last = steps[args.kinds[0]].engine.channels_last
+def synthetic_batch(args, steps: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images and labels made once on the device, in the memory format the loader hands over."""
+    device = next(iter(steps.values())).engine.device
     gen = torch.Generator(device=device).manual_seed(0)
     images = torch.randint(0, 256, (args.batch, 3, args.res, args.res), dtype=torch.uint8, generator=gen,
                            device=device)
-    if channels_last:  # as the loader hands them over (ToTorchImage(channels_last=True))
+    if next(iter(steps.values())).engine.channels_last:  # as ToTorchImage(channels_last=True) hands them over
         images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, args.classes, (args.batch,), generator=gen, device=device)
+    return images, torch.randint(0, args.classes, (args.batch,), generator=gen, device=device)
+
+
+def run(args, steps: dict | None = None) -> dict:
+    """Times `steps` (kind -> TrainStep; default: built from args.kinds)."""
+    device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
+    results, peak_mem = {}, {}
+    if steps is None:
+        with tempfile.TemporaryDirectory() as runs_dir:  # load_config looks for a stored run there: none
+            steps = {kind: BUILDERS[kind](args, runs_dir) for kind in args.kinds}
+    images, labels = synthetic_batch(args, steps)
 
     for kind, step in steps.items():  # warm-up (allocator, cuDNN algorithms, optimizer state), peak memory
         if device.type == "cuda":

@@ -161,3 +161,51 @@ def test_imagefolder_betons_with_carved_split(tmp_path):
                                       "data.val_fraction=0.2", "data.train_per_class=3", "data.val_per_class=1",
                                       "data.num_workers=1"]).data, is_writer=True, log=lambda m: None)
     assert (small.num_train, small.num_val) == (9, 3) and small.train != files.train  # its own cache entry
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_image_batches_end_on_the_engine_device(synthetic_files, channels_last):
+    """FFCV puts an op's output buffer where its allocation says (no device: pinned host memory). Followed
+    through the image pipeline for a GPU, the batch must end on the GPU for both memory formats:
+    ToTorchImage(channels_last=False) after ToDevice copied it back to the host (a device mismatch on GPU)."""
+    from ffcv.pipeline.state import State
+    from trainer.data.loaders import _image_tail
+    gpu = torch.device("cuda", 0)  # only named: nothing is allocated
+    state, where = State(jit_mode=True, device=CPU, shape=(32, 32, 3), dtype=np.dtype("uint8")), CPU
+    for op in _image_tail(gpu, channels_last):
+        state, alloc = op.declare_state_and_memory(state)
+        if alloc is not None:  # the op writes into its own buffer; otherwise it returns a view of its input
+            where = alloc.device or CPU
+    assert (state.device, where) == (gpu, gpu), [type(op).__name__ for op in _image_tail(gpu, channels_last)]
+    # On the CPU the batches are the same images in the requested memory format.
+    images = [next(iter(val_loader(synthetic_files.val, res=32, batch_size=8, num_workers=1, device=CPU, rank=0,
+                                   world_size=1, channels_last=cl, jit=False)))[0]
+              for cl in (channels_last, not channels_last)]
+    assert images[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert torch.equal(images[0], images[1]) and images[0].shape == (8, 3, 32, 32)
+
+
+def test_the_other_processes_wait_for_the_writer_by_polling_not_in_a_collective(tmp_path, monkeypatch):
+    """A non-writing process, told (by the broadcast) that the writer writes, polls for the manifest and says so;
+    it goes on once the writer has published it, and gives up after data.wait_minutes naming the setting."""
+    import threading
+
+    import trainer.data.prepare as prepare
+
+    monkeypatch.setattr(prepare, "_POLL_S", 0.02)
+    d = load_config([*TINY, "data.synthetic_train_size=64", "data.synthetic_val_size=32",
+                     f"data.beton_dir={tmp_path}"]).data
+    said, got = [], {}
+    waiting = threading.Thread(target=lambda: got.update(files=prepare_data(
+        d, is_writer=False, broadcast=lambda writes: True, log=lambda m: None, say_waiting=said.append)))
+    waiting.start()
+    while not said:  # it waits: no manifest yet
+        waiting.join(0.01)
+    written = prepare_data(d, is_writer=True, log=lambda m: None)
+    waiting.join(60)
+    assert got["files"] == written and said[0].startswith("waiting for the main process to write"), said
+
+    d.beton_dir = str(tmp_path / "never_written")
+    d.wait_minutes = 0.001
+    with pytest.raises(DataError, match=r"did not finish writing the betons within data.wait_minutes=0.001"):
+        prepare_data(d, is_writer=False, broadcast=lambda writes: True, say_waiting=lambda m: None)

@@ -118,6 +118,43 @@ def test_stop_signal_checkpoints_at_the_next_step_and_the_run_resumes_exactly(de
     assert read_json(whole / "r/search/result/summary.json")["top1"] == read_json(runs / "r/search/result/summary.json")["top1"]
 
 
+# One of two processes taking 12 "steps"; rank 1 gets SIGUSR2 at step 5, rank 0 (whose host lags) never does.
+VOTE_RANK = """
+import os, signal, sys, time
+from omegaconf import OmegaConf
+from trainer.distributed import DistEnv
+from trainer.engines.ddp import DDPEngine
+from trainer.preemption import STOP, StopVote
+rank, port = int(sys.argv[1]), int(sys.argv[2])
+cfg = OmegaConf.create({"device": "cpu", "backend": "gloo", "precision": "fp32", "channels_last": None})
+vote, stopped = StopVote(DDPEngine(cfg, DistEnv(rank, 2, rank, "127.0.0.1", port))), None
+STOP.arm(grace_s=60)
+for step in range(1, 13):
+    if rank == 1 and step == 5:
+        os.kill(os.getpid(), signal.SIGUSR2)
+    time.sleep(0.02 if rank == 0 else 0)
+    if vote.poll():
+        stopped = step
+        break
+vote.settle()
+STOP.disarm()
+print("stopped at", stopped)
+"""
+
+
+def test_the_stop_vote_stops_every_rank_at_the_same_step():
+    """The per-step vote does not wait for the other processes (a non-blocking all-reduce read one step later),
+    and still stops both processes, over a real gloo group, at the same step, one after the signal."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = [subprocess.Popen([sys.executable, "-c", VOTE_RANK, str(rank), str(port)], cwd=REPO, env=child_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    out = [rank.communicate(timeout=120)[0] for rank in ranks]
+    assert [o.strip().splitlines()[-1] for o in out] == ["stopped at 6"] * 2, out
+
+
 @pytest.mark.slow
 def test_local_sweep_runs_every_point_and_reports_them(structured_sweep):
     """conftest.structured_sweep: `-m method=l1,random,uniform stage=all` on the shared dense weights."""

@@ -20,6 +20,18 @@ from .run_dir import checkpoint_candidates
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
+def cpu_copy(obj):
+    """`obj` with every tensor (in nested dicts, lists, tuples) copied to the CPU: a published file that holds
+    GPU tensors would not load where that GPU is missing, without map_location."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return type(obj)((k, cpu_copy(v)) for k, v in obj.items())  # a state dict stays an OrderedDict
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
 class DiskFull(OSError):
     """No room for a checkpoint; str(e) is one line."""
 

@@ -23,15 +23,15 @@ def compare_latency(models: dict[str, nn.Module], res: int, *, batch: int = 32, 
     copies = {name: copy.deepcopy(m).to(device).to(memory_format=torch.contiguous_format).eval()
               for name, m in models.items()}
     x = torch.rand(batch, 3, res, res, device=device)
+    # Wait for the measured GPU, not the current one (cuda:1 measured from a process whose current is cuda:0).
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else lambda device: None
     times: dict[str, list[float]] = {name: [] for name in copies}
     for i in range(warmup + repeats):
         for name, model in copies.items():
-            if device != "cpu":
-                torch.cuda.synchronize()
+            sync(x.device)
             start = time.perf_counter()
             model(x)
-            if device != "cpu":
-                torch.cuda.synchronize()
+            sync(x.device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: {"median_ms": 1000 * statistics.median(t), "batch": batch, "repeats": repeats,

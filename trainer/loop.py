@@ -28,7 +28,7 @@ from tqdm import tqdm
 from .engines import Engine
 from .metrics import MetricsLog, topk_correct
 from .optim import make_optimizer, make_scheduler
-from .preemption import STOP, Preempted, stop_agreed
+from .preemption import STOP, Preempted, StopVote, stop_agreed
 
 # Test-only: seconds to sleep after every optimizer step, so that a kill, a preemption, a cancel or a
 # time limit lands mid-run on any machine, however fast (docs/testing.md). Sleeping changes no result.
@@ -76,8 +76,7 @@ def evaluate(engine: Engine, model: torch.nn.Module, loader, loss_fn=None) -> di
             continue
         c1, c5 = topk_correct(logits, labels)
         loss = loss_fn(logits.float(), labels) * len(labels) if loss_fn else torch.zeros((), device=engine.device)
-        sums += torch.stack([loss.double(), c1.double(), c5.double(),
-                             torch.tensor(float(len(labels)), device=engine.device, dtype=torch.float64)])
+        sums += torch.stack([loss.double(), c1.double(), c5.double(), _count(labels, engine.device)])
     engine.all_reduce_sum(sums)
     model.train(was_training)
     n = max(1.0, sums[3].item())
@@ -101,6 +100,26 @@ def _batches_in_step(engine: Engine, loader):
         yield last
     for _ in range(int(most.item()) - n):
         yield last[0], None, None
+
+
+def _count(labels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """len(labels) as a float64 device scalar. torch.full launches a fill kernel; torch.tensor would copy from
+    pageable host memory, which on CUDA waits for the stream (a sync per step)."""
+    return torch.full((), float(len(labels)), dtype=torch.float64, device=device)
+
+
+def _rng_state(device: torch.device) -> dict:
+    """The generators a checkpoint restores: the CPU's, and the GPU's when training on one."""
+    state = {"rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(ckpt: dict, device: torch.device) -> None:
+    torch.set_rng_state(ckpt["rng"])
+    if device.type == "cuda" and "cuda_rng" in ckpt:  # none in a CPU run's checkpoint or an older one
+        torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
 
 
 def _view_losses(views, summed: torch.Tensor) -> dict:
@@ -144,7 +163,7 @@ def _restore(engine: Engine, ckpt: dict | None, view_names: list[str], meters: t
                          f"batch ({ckpt.get('views')}), this run takes {len(view_names)} ({view_names}): "
                          f"restore the setting that changed (vpns.dual_step, finetune.prompt) or use resume=never")
     epoch, batch, step, elapsed = ckpt["epoch"], ckpt["batch"], ckpt["step"], ckpt["elapsed"]
-    torch.set_rng_state(ckpt["rng"])
+    _set_rng_state(ckpt, engine.device)
     if engine.is_main:  # the saved meters are already summed over processes
         meters.copy_(ckpt["meters"])
     if batch and ckpt["world_size"] != engine.world_size:
@@ -216,7 +235,7 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
         stop_if_not_finite(summed, weights=True)  # never overwrite a good checkpoint with a broken state
         last_good[0] = engine.save_checkpoint(
             checkpoints, {"epoch": next_epoch, "batch": next_batch, "step": step, "meters": summed.cpu(),
-                          "history": history, "rng": torch.get_rng_state(),
+                          "history": history, **_rng_state(engine.device),
                           "elapsed": elapsed + time.time() - session_start, "world_size": engine.world_size,
                           "views": view_names},
             step, keep=checkpoint_cfg.keep)
@@ -226,6 +245,7 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
     step_delay = float(os.environ.get(STEP_DELAY_ENV) or 0)
     if ckpt is not None and os.environ.get(STEP_DELAY_FRESH_ONLY_ENV):
         step_delay = 0.0
+    vote = StopVote(engine)
     for epoch in range(epoch, schedule.epochs):
         model.train()
         start_batch, seen, t0 = batch, 0, time.time()
@@ -238,8 +258,8 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
             losses, logits = [loss for loss, _ in steps], steps[0][1]
             step += 1
             seen += len(labels)
-            count = torch.tensor(float(len(labels)), device=engine.device, dtype=torch.float64)
-            step_meters = torch.stack([losses[0], topk_correct(logits, labels, ks=(1,))[0].double(), count, *losses[1:]])
+            step_meters = torch.stack([losses[0], topk_correct(logits, labels, ks=(1,))[0].double(),
+                                       _count(labels, engine.device), *losses[1:]])
             meters += step_meters
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_meters).all(), step, first_bad)
             if step % log_cfg.every_steps == 0:
@@ -253,7 +273,7 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
             if step_delay:
                 time.sleep(step_delay)
             last_batch = batch + 1 == steps_per_epoch
-            if not last_batch and stop_agreed(engine):
+            if not last_batch and vote.poll():
                 # Preemption or time limit: save this exact position on every rank, then let the job requeue.
                 # (On an epoch's last batch the stop waits for the epoch-end checkpoint just below.)
                 STOP.acknowledge()
@@ -283,6 +303,7 @@ def fit(*, engine: Engine, model: torch.nn.Module, params, schedule: DictConfig,
         batch = 0
         meters.zero_()
         path = save(epoch + 1, 0, meters)
+        vote.settle()  # a mid-epoch vote still in flight (any stop it carries, the vote below carries too)
         if epoch + 1 < schedule.epochs and stop_agreed(engine):
             STOP.acknowledge()
             _say(engine, f"{desc}: checkpointed after epoch {epoch + 1} (step {step}) for requeue")

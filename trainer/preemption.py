@@ -5,8 +5,8 @@ before it is preempted or reaches its time limit. A signal handler cannot save
 a checkpoint itself: it interrupts the training step at an arbitrary point and
 every DDP rank receives it at a different step, while a checkpoint is a
 collective. So the handler only records the request; the training loop asks
-all ranks at its next step boundary (`stop_agreed`), saves the exact position
-there on every rank together and raises `Preempted`. The job wrapper then
+all ranks at its step boundaries (`StopVote`, `stop_agreed`), saves the exact
+position there on every rank together and raises `Preempted`. The job wrapper then
 hands over to submitit, which requeues the job.
 
 If no step boundary comes within `grace_s` (the signal arrived during data
@@ -96,3 +96,36 @@ def stop_agreed(engine) -> bool:
     if not STOP.armed:
         return False
     return engine.any_rank(STOP.requested)
+
+
+class StopVote:
+    """The training loop's per-step stop vote, without a wait per step.
+
+    With several processes, the vote of step s is a non-blocking all-reduce started at step s and read at
+    step s + 1, by when it has long finished: no process waits at every step for the other processes'
+    hosts. Every process reads the same vote at the same step, so all stop at the same step, one step after
+    the first that saw the signal. One process needs no collective at all.
+    """
+
+    def __init__(self, engine):
+        self.engine, self.pending = engine, None
+
+    def poll(self) -> bool:
+        """At a step boundary (every rank): True on every rank together when a stop was agreed."""
+        if not STOP.armed:
+            return False
+        if self.engine.world_size == 1:
+            return STOP.requested
+        agreed = self.settle()
+        if not agreed:
+            self.pending = self.engine.any_rank_async(STOP.requested)
+        return agreed
+
+    def settle(self) -> bool:
+        """The outcome of the vote in flight (False if none), leaving none in flight."""
+        if self.pending is None:
+            return False
+        work, vote = self.pending
+        self.pending = None
+        work.wait()
+        return bool(vote.item())

@@ -43,6 +43,11 @@ class DataConfig:
     val_per_class: Optional[int] = _f(None, "ImageFolder: evaluate on at most this many images per class (none: all)")
     empty_classes: str = _f("error", "ImageFolder: a class folder without images stops the run (error, naming it) or "
                                      "is left out (skip)")
+    bad_images: str = _f("error", "ImageFolder: a file that cannot be decoded stops the write (error, naming it) or, "
+                                  "found by decoding every image first, is left out and listed in the beton's "
+                                  "manifest (skip)")
+    wait_minutes: float = _f(720, "how long the other processes of a job wait for the main one to write the .beton "
+                                  "cache (they poll for it, outside any collective; ImageNet takes hours)")
     res: int = _f(32, "training and evaluation resolution in pixels")
     val_crop_ratio: float = _f(0.875, "center-crop side / shorter image side at evaluation (224/256)")
     augment: bool = _f(True, "random-resized-crop + flip for training (false: the evaluation center crop)")
@@ -210,6 +215,7 @@ CHOICES = {
     "engine.zero_stage": (1, 2, 3),
     "data.write_mode": ("raw", "jpg", "smart", "proportion"),
     "data.empty_classes": ("error", "skip"),
+    "data.bad_images": ("error", "skip"),
     "prompt.variant": PROMPT_VARIANTS,
     "prompt.headline": ("prompt", "no_prompt"),
     **section_choices(),   # the methods' own settings (pass.budget_loss, vpns.threshold, ...)

@@ -130,7 +130,10 @@ class _Guarded:
 
 
 def _image_tail(device, channels_last: bool):
-    return [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=channels_last)]
+    # ToDevice last: ToTorchImage(channels_last=False) copies into a buffer of its own, which FFCV allocates in
+    # (pinned) host memory, so after a transfer it would bring the batch back to the host. Before ToDevice it
+    # only permutes (channels_last) or makes NCHW contiguous on the host, and ToDevice keeps either layout.
+    return [ToTensor(), ToTorchImage(channels_last=channels_last), ToDevice(device, non_blocking=True)]
 
 
 class TrainLoader:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import os
+import socket
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -35,17 +37,76 @@ def _destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
+# What says that this process was given GPUs: SLURM's variables in a job with GPUs, CUDA's own mask.
+_GPU_VARIABLES = ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "CUDA_VISIBLE_DEVICES")
+
+
+def gpus_requested(environ=None) -> str | None:
+    """`NAME=value` of the first variable that says this process was given GPUs, or None."""
+    env = os.environ if environ is None else environ
+    for key in _GPU_VARIABLES:
+        value = env.get(key, "").strip()
+        # "" and "-1" hide every GPU; SLURM writes NoDevFiles (or a count of 0) when the job has none
+        if value not in ("", "-1", "NoDevFiles") and not (key == "SLURM_GPUS_ON_NODE" and value == "0"):
+            return f"{key}={value}"
+    return None
+
+
+def no_gpu_error(reason: str) -> RuntimeError:
+    if torch.version.cuda is None:
+        why = f"this torch ({torch.__version__}) is a CPU-only build"
+    else:
+        why = (f"torch {torch.__version__} is built for CUDA {torch.version.cuda} and needs an NVIDIA driver that "
+               f"supports CUDA {torch.version.cuda} or newer (`nvidia-smi` shows the driver's CUDA version; "
+               f"docs/install.md)")
+    return RuntimeError(f"{reason}, but torch sees no GPU: {why}. Update the driver or install a torch build for "
+                        f"the driver's CUDA version; engine.device=cpu trains on the CPU on purpose")
+
+
+def cuda_index(local_rank: int | None, visible: int) -> int:
+    """This process's GPU among the `visible` ones. The one rule for both engines (DeepSpeed gets it as LOCAL_RANK)."""
+    if visible == 1:
+        return 0  # one GPU per process (SLURM binds one per task, or CUDA_VISIBLE_DEVICES per process)
+    if local_rank is None:
+        raise RuntimeError(f"RANK and WORLD_SIZE are set but neither LOCAL_RANK nor SLURM_LOCALID: which of the "
+                           f"{visible} GPUs this process should use is unknown; set LOCAL_RANK (torchrun does)")
+    if local_rank >= visible:
+        raise RuntimeError(f"local rank {local_rank}, but only {visible} GPUs are visible: start one process per "
+                           f"GPU (cluster.tasks_per_node at most cluster.gpus_per_node)")
+    return local_rank
+
+
+def pick_device(want: str, local_rank: int | None, environ=None) -> torch.device:
+    """The device for engine.device (auto, cpu or cuda). No GPU where one was asked for is an error, not a
+    silent CPU run: a driver too old for the wheel's CUDA makes `cuda.is_available()` false."""
+    if want == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        asked = "engine.device=cuda" if want == "cuda" else gpus_requested(environ)
+        if asked:
+            raise no_gpu_error(asked if want == "cuda" else f"this job was given GPUs ({asked})")
+        return torch.device("cpu")
+    return torch.device("cuda", cuda_index(local_rank, torch.cuda.device_count()))
+
+
+def device_line(rank: int, world_size: int, device: torch.device) -> str:
+    """One line per process at start: which device it trains on, and where."""
+    what = f"{device} ({torch.cuda.get_device_name(device)}, " if device.type == "cuda" else f"{device} ("
+    return f"rank {rank}/{world_size} on {what}host {socket.gethostname()})"
+
+
 class Engine(ABC):
     def __init__(self, cfg: DictConfig, env: DistEnv):
         self.cfg, self.env = cfg, env
         self.rank, self.world_size = env.rank, env.world_size
-        want = cfg.device
-        cuda = torch.cuda.is_available() if want == "auto" else want == "cuda"
-        if cuda and not torch.cuda.is_available():
-            raise RuntimeError("engine.device=cuda but no CUDA device is visible")
-        self.device = torch.device("cuda", env.local_rank % max(1, torch.cuda.device_count())) if cuda else torch.device("cpu")
+        self.device = pick_device(cfg.device, env.local_rank)
+        cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.set_device(self.device)
+            # Training shapes are static (drop_last), so cuDNN's timed choice of algorithms pays off. GPU runs
+            # are not bitwise reproducible anyway (atomic adds in convolution backward); CPU runs stay so.
+            torch.backends.cudnn.benchmark = True
+        print(device_line(self.rank, self.world_size, self.device), flush=True)
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
         self.autocast_dtype = torch.bfloat16 if bf16 else None
         self.channels_last = cuda if cfg.channels_last is None else bool(cfg.channels_last)
@@ -101,6 +162,11 @@ class Engine(ABC):
         vote = torch.tensor([int(flag)], dtype=torch.int32)
         dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self._control_group)
         return bool(vote.item())
+
+    def any_rank_async(self, flag: bool):
+        """`any_rank` without waiting (several processes): (work, vote); after work.wait(), vote holds the answer."""
+        vote = torch.tensor([int(flag)], dtype=torch.int32)
+        return dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self._control_group, async_op=True), vote
 
     def broadcast_object(self, obj):
         if self.world_size == 1:

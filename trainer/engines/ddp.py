@@ -16,6 +16,21 @@ from ..checkpoint import CheckpointStore
 from .base import Engine
 
 
+def forward_updates_buffers(model: torch.nn.Module) -> bool:
+    """True if a forward after `model.train()` (what the loop calls) updates BatchNorm running statistics.
+
+    The project's other buffers are constants (prompt frame, normalisation, the frozen backbone's channel
+    statistics), and a frozen backbone's train() keeps its BatchNorm in eval mode."""
+    modes = {m: m.training for m in model.modules()}
+    model.train()
+    try:
+        return any(isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
+                   for m in model.modules())
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
 class DDPEngine(Engine):
     def wrap(self, model, optimizer, scheduler, *, batch_size: int, grad_clip: float = 0.0,
              find_unused_parameters: bool = False) -> None:
@@ -29,7 +44,10 @@ class DDPEngine(Engine):
         self._micro = 0
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.module = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
+            # Buffers a training forward changes (BatchNorm statistics) follow rank 0's, copied to every rank
+            # before each forward; constant ones (a frozen backbone's) need no copy (docs/decisions.md).
+            self.module = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused_parameters,
+                                                  broadcast_buffers=forward_updates_buffers(model))
         else:
             self.module = model
 

@@ -54,9 +54,7 @@ class DeepSpeedEngine(Engine):
         if not dist.is_initialized():
             # DeepSpeed always talks through a process group; one process gets a private one.
             dist.init_process_group(self._backend(), store=dist.HashStore(), rank=0, world_size=1)
-        # DeepSpeed reads the torchrun variables; one process or srun tasks do not set them.
-        for key, value in (("LOCAL_RANK", env.local_rank), ("RANK", env.rank), ("WORLD_SIZE", env.world_size)):
-            os.environ.setdefault(key, str(value))
+        os.environ.update(deepspeed_env(self.device, env, os.environ))
         self.deepspeed = import_deepspeed(cpu=self.device.type == "cpu")
         self.zero_stage = int(cfg.zero_stage)
         self._ds = None
@@ -91,7 +89,11 @@ class DeepSpeedEngine(Engine):
             "wall_clock_breakdown": False,
         }
         if self.autocast_dtype is not None:
-            config["torch_autocast"] = {"enabled": True, "dtype": "torch.bfloat16"}
+            # No module's gradients are reduced in bf16: DeepSpeed's default list (Linear, Conv) would take
+            # in the VPNs scores and the hypernetwork's layers, and ZeRO would then search differently from DDP,
+            # which all-reduces fp32 gradients. Under torch_autocast the list alone decides the reduction dtype.
+            config["torch_autocast"] = {"enabled": True, "dtype": "torch.bfloat16", "lower_precision_safe_modules": []}
+        config["communication_data_type"] = "fp32"  # the same without autocast (DeepSpeed's default follows bf16)
         extra = OmegaConf.to_container(self.cfg.config, resolve=True) if self.cfg.get("config") else {}
         return _merge(config, extra)
 
@@ -143,6 +145,17 @@ class DeepSpeedEngine(Engine):
 
     def load_checkpoint(self, directory: Path, log) -> dict | None:
         return ds_checkpoint.load(self, Path(directory), log)
+
+
+def deepspeed_env(device: torch.device, env, environ) -> dict:
+    """The torchrun variables DeepSpeed reads (one process or srun tasks do not set them). On a GPU, LOCAL_RANK
+    is the index of this process's GPU, the DDP engine's choice (`cuda_index`): DeepSpeed takes its device from
+    LOCAL_RANK alone, which is not the GPU's index when each task sees only its own GPU."""
+    out = {key: environ.get(key, str(value)) for key, value in
+           (("LOCAL_RANK", env.local_rank or 0), ("RANK", env.rank), ("WORLD_SIZE", env.world_size))}
+    if device.type == "cuda":
+        out["LOCAL_RANK"] = str(device.index)
+    return out
 
 
 def _merge(base: dict, extra: dict) -> dict:

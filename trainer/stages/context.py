@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from ..data import DataFiles, TrainLoader, val_loader
+from ..data import DataFiles, TrainLoader, prepare_data, prepare_eval_data, val_loader
 from ..engines import Engine
 from ..run_dir import RunDir
 
@@ -26,6 +26,22 @@ class StageContext:
     def say(self, msg: str) -> None:
         if self.engine.is_main:
             tqdm.write(msg, file=sys.stdout)
+
+    def say_any_rank(self, msg: str) -> None:
+        """A line from any process, prefixed with its rank (what a waiting process is doing)."""
+        print(f"rank {self.engine.rank}: {msg}", flush=True)
+
+    def data(self) -> DataFiles:
+        """The run's train and validation .beton files: written (if missing) by the main process while the
+        others wait for them outside any collective (trainer/data/prepare.py)."""
+        return prepare_data(self.cfg.data, is_writer=self.engine.is_main, broadcast=self.engine.broadcast_object,
+                            log=self.say, progress=self.cfg.log.progress, say_waiting=self.say_any_rank)
+
+    def eval_data(self, classes) -> DataFiles:
+        """A validation .beton of data.val_dir labelled with `classes` (a trained model's), as `data()`."""
+        return prepare_eval_data(self.cfg.data, tuple(classes), is_writer=self.engine.is_main,
+                                 broadcast=self.engine.broadcast_object, log=self.say,
+                                 progress=self.cfg.log.progress, say_waiting=self.say_any_rank)
 
     @property
     def tensorboard(self) -> bool:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from ..data import prepare_data
 from ..loop import fit
 from ..models import ImageClassifier, build_backbone, count_macs, count_parameters
 from ..run_dir import write_json
@@ -13,7 +12,7 @@ from .product import save_product
 
 def run_dense(ctx: StageContext) -> dict:
     cfg, engine = ctx.cfg, ctx.engine
-    files = prepare_data(cfg.data, is_writer=engine.is_main, barrier=engine.barrier, log=ctx.say)
+    files = ctx.data()
     torch.manual_seed(cfg.seed)  # same initial weights on every process and every restart
     backbone = build_backbone(cfg.model.name, files.num_classes, cfg.data.res, cfg.model.weights)
     model = engine.prepare_module(ImageClassifier(backbone))

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from ..data import prepare_data, prepare_eval_data
 from ..run_dir import write_json
 from .context import StageContext
 from .product import PRODUCT_FILE, load_product
@@ -21,10 +20,9 @@ def run_eval(ctx: StageContext) -> dict:
     model, blob = load_product(ctx.run.result(source))
     model = engine.prepare_module(model)
     if cfg.data.val_dir:
-        files = prepare_eval_data(cfg.data, tuple(blob["classes"]), is_writer=engine.is_main,
-                                  barrier=engine.barrier, log=ctx.say)
+        files = ctx.eval_data(blob["classes"])
     else:
-        files = prepare_data(cfg.data, is_writer=engine.is_main, barrier=engine.barrier, log=ctx.say)
+        files = ctx.data()
     if tuple(files.classes) != tuple(blob["classes"]):
         raise ValueError(f"the validation data has classes {list(files.classes)[:3]}..., "
                          f"the {source} network was trained on {blob['classes'][:3]}...")

@@ -17,7 +17,6 @@ from pruning.attention import convert_attention
 from pruning.extract import STRUCTURE_FILE, extract
 from pruning.methods import get_method
 
-from ..data import prepare_data
 from ..latency import compare_latency
 from ..loop import evaluate, fit
 from ..models import ImageClassifier, count_macs, count_parameters
@@ -37,7 +36,7 @@ def run_finetune(ctx: StageContext) -> dict:
     search_dir = search_result(ctx, STRUCTURE_FILE)
     structure = json.loads((search_dir / STRUCTURE_FILE).read_text())
     search = ctx.run.summary("search")
-    files = prepare_data(cfg.data, is_writer=engine.is_main, barrier=engine.barrier, log=ctx.say)
+    files = ctx.data()
     found = (structure.get("arch"), structure.get("res"), structure.get("num_classes"))
     if found != (cfg.model.name, cfg.data.res, files.num_classes):
         raise ValueError(f"{search_dir / STRUCTURE_FILE} was searched for {found[0]} at {found[1]}px with "

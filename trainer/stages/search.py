@@ -18,7 +18,7 @@ import torch
 from pruning.extract import STRUCTURE_FILE, extract, make_structure
 from pruning.methods import get_method
 
-from ..data import prepare_data
+from ..checkpoint import cpu_copy
 from ..models import ImageClassifier, classifier_name, count_macs, count_parameters
 from ..run_dir import write_json
 from .context import StageContext
@@ -33,7 +33,7 @@ CLASSIFIER_FILE = "classifier.pt"
 def run_search(ctx: StageContext) -> dict:
     cfg, engine = ctx.cfg, ctx.engine
     method = get_method(cfg.method.name)
-    files = prepare_data(cfg.data, is_writer=engine.is_main, barrier=engine.barrier, log=ctx.say)
+    files = ctx.data()
     torch.manual_seed(cfg.seed)  # same initialisation on every process and restart
     # Label mapping runs without a prompt: the search's prompt starts at zero, which changes no image.
     backbone, source, head = backbone_with_head(ctx, files, None)
@@ -80,7 +80,7 @@ def run_search(ctx: StageContext) -> dict:
             classifier = backbone.get_submodule(classifier_name(backbone))
             torch.save({k: v.detach().cpu() for k, v in classifier.state_dict().items()}, d / CLASSIFIER_FILE)
         if decision.state is not None:
-            torch.save(decision.state, d / SEARCH_STATE_FILE)
+            torch.save(cpu_copy(decision.state), d / SEARCH_STATE_FILE)
 
     if engine.is_main:
         ctx.run.publish("search", write)

@@ -18,7 +18,7 @@ import torch
 from pruning.methods import get_method
 from pruning.scores import FixedMasks, resolve_weight
 
-from ..data import prepare_data
+from ..checkpoint import cpu_copy
 from ..loop import fit
 from ..models import ImageClassifier, count_parameters
 from ..run_dir import write_json
@@ -53,7 +53,7 @@ def run_sparse_finetune(ctx: StageContext) -> dict:
     cfg, engine = ctx.cfg, ctx.engine
     method = get_method(cfg.method.name)
     search_dir = search_result(ctx, MASKS_FILE)
-    files = prepare_data(cfg.data, is_writer=engine.is_main, barrier=engine.barrier, log=ctx.say)
+    files = ctx.data()
     searched, blob = load_product(search_dir)
     found = (blob["arch"], blob["res"], tuple(blob["classes"]))
     if found != (cfg.model.name, cfg.data.res, tuple(files.classes)):
@@ -104,7 +104,7 @@ def run_sparse_finetune(ctx: StageContext) -> dict:
         def write(d):
             save_product(d, model, arch=cfg.model.name, classes=files.classes, res=cfg.data.res)
             torch.save({k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}, d / EXPORT_FILE)
-            torch.save(masks, d / MASKS_FILE)
+            torch.save(cpu_copy(masks), d / MASKS_FILE)
             write_json(d / "summary.json", summary)
 
         ctx.run.publish("finetune", write)

@@ -18,7 +18,7 @@ import torch
 from pruning.methods import get_method
 from pruning.scores import density_report, zero_masked
 
-from ..data import prepare_data
+from ..checkpoint import cpu_copy
 from ..loop import evaluate
 from ..models import ImageClassifier, classifier_name, count_macs, count_parameters, weight_macs
 from ..run_dir import write_json
@@ -47,7 +47,7 @@ def sparsity_summary(backbone, masks: dict, res: int, density_target: float) -> 
 def run_sparse_search(ctx: StageContext) -> dict:
     cfg, engine = ctx.cfg, ctx.engine
     method, density = get_method(cfg.method.name), cfg.pruning.density
-    files = prepare_data(cfg.data, is_writer=engine.is_main, barrier=engine.barrier, log=ctx.say)
+    files = ctx.data()
     torch.manual_seed(cfg.seed)  # same scores, head and prompt on every process and every restart
     prompt = make_prompt(cfg) if method.search_prompt(cfg) else None
     backbone, source, head = backbone_with_head(ctx, files, prompt)
@@ -89,7 +89,7 @@ def run_sparse_search(ctx: StageContext) -> dict:
 
     def write(d):
         save_product(d, model, arch=cfg.model.name, classes=files.classes, res=cfg.data.res)
-        torch.save(masks, d / MASKS_FILE)
+        torch.save(cpu_copy(masks), d / MASKS_FILE)
         write_json(d / "summary.json", summary)
 
     if engine.is_main:
