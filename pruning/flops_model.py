@@ -17,6 +17,13 @@ checks it. Widths may be tensors (sums of straight-through masks), which makes
 F differentiable; or plain ints, which makes it a calculator for extraction.
 Spatial sizes and token counts are read from one traced forward at the
 network's resolution.
+
+F is a quadratic form in the widths: with w = (w_0, ..., w_{G-1}, 1) (the
+last entry standing for a layer side that no group prunes), every term is
+coef * (a * w_i) * (b * w_j), so F = w^T Q w with Q precomputed once. The
+differentiable path evaluates it in a few float64 operations, exactly (all
+counts are integers far below 2^53), whatever the number of layers; ints
+keep the term-by-term Python sum.
 """
 from __future__ import annotations
 
@@ -69,9 +76,34 @@ class FlopsModel:
                     CostTerm(f"{name}.out_proj", t * d, slot.head_group, heads, 1, slot.out_group, embed),
                 ]
         self.dense = float(self(sizes))
+        # F(w) = w^T Q w over w = (widths..., 1): Q[i, j] sums coef * in scale * out scale of the terms
+        # reading slot i on the input side and slot j on the output side (slot G: a fixed width).
+        groups = len(sizes)
+        quadratic = [[0] * (groups + 1) for _ in range(groups + 1)]
+        for t in self.terms:
+            i, a = (groups, t.in_width) if t.in_group is None else (t.in_group, t.in_mult)
+            j, b = (groups, t.out_width) if t.out_group is None else (t.out_group, t.out_mult)
+            quadratic[i][j] += t.coef * a * b
+        self.quadratic = torch.tensor(quadratic, dtype=torch.float64)
+        self._on = {}  # Q on the devices the widths came from
+
+    def _quadratic(self, device: torch.device) -> torch.Tensor:
+        if device not in self._on:
+            self._on[device] = self.quadratic.to(device)
+        return self._on[device]
+
+    def _tensor_total(self, widths) -> torch.Tensor:
+        """F of differentiable widths (a 1-D tensor, or a list of 0-dim tensors): float64, exact for integers."""
+        w = widths if isinstance(widths, torch.Tensor) else torch.stack(list(widths))
+        with torch.autocast(device_type=w.device.type, enabled=False):
+            q = self._quadratic(w.device)
+            w = torch.cat([w.double(), q.new_ones(1)])
+            return torch.dot(w, torch.mv(q, w))
 
     def __call__(self, widths) -> torch.Tensor | float:
         """Total MACs for per-group kept widths (ints or differentiable tensors)."""
+        if isinstance(widths, torch.Tensor) or any(isinstance(w, torch.Tensor) for w in widths):
+            return self._tensor_total(widths).float()
         total = 0.0
         for t in self.terms:
             w_in = t.in_width if t.in_group is None else widths[t.in_group] * t.in_mult
@@ -80,6 +112,9 @@ class FlopsModel:
         return total
 
     def ratio(self, widths) -> torch.Tensor | float:
+        """F(widths) / F_dense: a float32 tensor for tensor widths (divided exactly, rounded once), else a float."""
+        if isinstance(widths, torch.Tensor) or any(isinstance(w, torch.Tensor) for w in widths):
+            return (self._tensor_total(widths) / self.dense).float()
         return self(widths) / self.dense
 
     def per_layer(self, widths) -> dict[str, float]:

@@ -41,8 +41,24 @@ Choices the specification leaves open, and why:
   can pass it the same way for every configuration.
 * `forward` runs in float32 with autocast disabled, so the masks do not
   depend on the mixed-precision setting and are identical on every rank.
+
+How it runs (a handful of operations per step, whatever the number of groups):
+
+* The statistics of all groups are one packed `sum_g C_g x 5` matrix; `phi`
+  runs once over it and the per-group means are one product with a constant
+  `G x sum_g C_g` averaging matrix.
+* The step inputs do not depend on the recurrence, so the LSTM runs over the
+  whole sequence of groups as one `torch.lstm` call (one fused kernel:
+  oneDNN on CPU, cuDNN on GPU) with the LSTMCell's own parameters.
+* The heads are packed: one `sum_g C_g x H` weight and one bias, channel c
+  of group g reading h_g (`packed_logits`). They start from exactly the
+  values per-group `Linear` heads would (the same random draws); state dicts
+  with per-group `heads.<g>.weight/bias` load into them.
+* These give the same function as a loop over groups, up to float rounding.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -102,8 +118,17 @@ class PassHypernetwork(nn.Module):
         self._check_stats(stats)
         for g, s in enumerate(stats):
             self.register_buffer(f"stats_{g}", standardize(s), persistent=False)
+        sizes = torch.tensor(self.group_sizes)
+        groups = len(self.group_sizes)
+        # Packed over the groups: the statistics, each channel's group, and the per-group averaging matrix.
+        self.register_buffer("stats", torch.cat([self.group_stats(g) for g in range(groups)]), persistent=False)
+        self.register_buffer("channel_group", torch.repeat_interleave(torch.arange(groups), sizes),
+                             persistent=False)
+        average = torch.zeros(groups, int(sizes.sum()))
+        average[self.channel_group, torch.arange(average.shape[1])] = (1.0 / sizes.float())[self.channel_group]
+        self.register_buffer("group_average", average, persistent=False)
 
-        self.step_embedding = nn.Embedding(len(group_sizes), embed_dim)
+        self.step_embedding = nn.Embedding(groups, embed_dim)
         if use_stats:
             self.phi = nn.Sequential(nn.Linear(NUM_STATS, embed_dim), nn.ReLU(), nn.Linear(embed_dim, embed_dim))
             # u = 0, beta = 1: the prior contributes exactly zero at the start, yet u gets gradient at once.
@@ -114,7 +139,11 @@ class PassHypernetwork(nn.Module):
             self.cell = nn.LSTMCell(embed_dim, hidden)
         else:
             self.step = nn.Linear(embed_dim, hidden)
-        self.heads = nn.ModuleList(self._head(hidden, c, init_bias) for c in self.group_sizes)
+        # One head per group, drawn as per-group Linear layers would be, packed into one weight and bias.
+        heads = [self._head(hidden, c, init_bias) for c in self.group_sizes]
+        self.head_weight = nn.Parameter(torch.cat([h.weight.detach() for h in heads]))
+        self.head_bias = nn.Parameter(torch.cat([h.bias.detach() for h in heads]))
+        self._register_load_state_dict_pre_hook(_pack_heads, with_module=True)
 
     @staticmethod
     def _head(hidden: int, channels: int, init_bias: float) -> nn.Linear:
@@ -136,6 +165,7 @@ class PassHypernetwork(nn.Module):
         for g, s in enumerate(stats):
             buffer = self.group_stats(g)
             buffer.copy_(standardize(s).to(buffer.device))
+        self.stats.copy_(torch.cat([self.group_stats(g) for g in range(len(self.group_sizes))]))
 
     def group_stats(self, g: int) -> Tensor:
         """The standardised `C_g x 5` statistics of group `g`."""
@@ -149,33 +179,55 @@ class PassHypernetwork(nn.Module):
             raise ValueError("this hypernetwork is prompt-conditioned (use_prompt=True): pass the prompt image")
         return self.encoder(prompt_image.float())
 
-    def _step_input(self, g: int) -> Tensor:
-        x = self.step_embedding.weight[g:g + 1]  # a view: no index tensor built (and copied to the GPU) per step
-        if self.use_stats:
-            x = x + self.phi(self.group_stats(g)).mean(dim=0, keepdim=True)
-        return x
+    def _hidden_states(self, x: Tensor, h0: Tensor, c0: Tensor) -> Tensor:
+        """h_g of every group (G x H): the LSTMCell stepped over the groups, as one LSTM call."""
+        cell = self.cell
+        with warnings.catch_warnings():
+            # cuDNN would rather have the weights in one buffer (nn.LSTM's layout); it copies these four.
+            warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
+            out, _, _ = torch.lstm(x.unsqueeze(1), (h0.unsqueeze(0), c0.unsqueeze(0)),
+                                   (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh),
+                                   True, 1, 0.0, self.training, False, False)
+        return out.squeeze(1)
 
-    def _logits(self, g: int, h: Tensor) -> Tensor:
-        logits = self.heads[g](h).squeeze(0)
-        if self.use_stats:
-            logits = logits + self.beta * (self.group_stats(g) @ self.u)
-        return logits
+    def packed_logits(self, prompt_image: Tensor | None = None) -> Tensor:
+        """The logits of every channel of every group, concatenated in group order (1-D float32)."""
+        device_type = self.step_embedding.weight.device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            h0, c0 = self._initial_state(prompt_image)
+            x = self.step_embedding.weight                            # x_g = E[g] ...
+            if self.use_stats:
+                x = x + self.group_average @ self.phi(self.stats)     # ... + mean_c phi(s_g[c])
+            if self.recurrent:
+                h = self._hidden_states(x, h0, c0)
+            else:
+                h = torch.tanh(self.step(x) + h0)
+            logits = (self.head_weight * h.index_select(0, self.channel_group)).sum(1) + self.head_bias
+            if self.use_stats:
+                logits = logits + self.beta * (self.stats @ self.u)
+            return logits
 
     def forward(self, prompt_image: Tensor | None = None) -> list[Tensor]:
         """Per-group logits, a list of 1-D float32 tensors of length C_g."""
-        device_type = self.step_embedding.weight.device.type
-        with torch.autocast(device_type=device_type, enabled=False):
-            h, c = self._initial_state(prompt_image)
-            h0 = h
-            out = []
-            for g in range(len(self.group_sizes)):
-                x = self._step_input(g)
-                if self.recurrent:
-                    h, c = self.cell(x, (h, c))
-                else:
-                    h = torch.tanh(self.step(x) + h0)
-                out.append(self._logits(g, h))
-            return out
+        return list(self.packed_logits(prompt_image).split(self.group_sizes))
+
+    def group_widths(self, masks: Tensor) -> Tensor:
+        """Per-group sums of a packed per-channel vector (the kept widths of packed masks), float32,
+        differentiable, never autocast."""
+        with torch.autocast(device_type=masks.device.type, enabled=False):
+            widths = masks.new_zeros(len(self.group_sizes), dtype=torch.float32)
+            return widths.index_add(0, self.channel_group, masks.float())
+
+
+def _pack_heads(module: PassHypernetwork, state_dict: dict, prefix: str, *args) -> None:
+    """Load a state dict written with one `heads.<g>` Linear per group into the packed heads."""
+    first = f"{prefix}heads.0.weight"
+    if first not in state_dict or f"{prefix}head_weight" in state_dict:
+        return
+    groups = len(module.group_sizes)
+    for name in ("weight", "bias"):
+        state_dict[f"{prefix}head_{name}"] = torch.cat([state_dict.pop(f"{prefix}heads.{g}.{name}")
+                                                        for g in range(groups)])
 
 
 def straight_through_mask(logits: Tensor) -> Tensor:

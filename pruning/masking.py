@@ -16,7 +16,8 @@ makes the masked network equal to the physically extracted one:
   leak into kept channels either.
 
 Masks are installed once as hooks and switched with `set(masks)`; `set(None)`
-turns them off, leaving the dense network.
+turns them off, leaving the dense network. A mask shaped for its sites (dtype,
+4-D view) is made once per `set`, not once per site.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ class ChannelMasks:
     def __init__(self, model: nn.Module, graph: PruneGraph):
         self.graph = graph
         self.masks: list[torch.Tensor] | None = None
+        self._shaped: dict[tuple, torch.Tensor] = {}  # (group, dtype, 4-D) -> the mask as the sites read it
         self._handles = []
         self._attention: dict[int, list[SelfAttention]] = {}
         for group in graph.groups:
@@ -50,6 +52,7 @@ class ChannelMasks:
         if masks is not None and len(masks) != len(self.graph.groups):
             raise ValueError(f"{len(masks)} masks for {len(self.graph.groups)} groups")
         self.masks = masks
+        self._shaped = {}
         for index, modules in self._attention.items():
             for module in modules:
                 module.head_mask = None if masks is None else masks[index]
@@ -60,14 +63,22 @@ class ChannelMasks:
             h.remove()
         self._handles.clear()
 
+    def _shaped_mask(self, index: int, dtype: torch.dtype, spatial: bool) -> torch.Tensor:
+        key = (index, dtype, spatial)
+        mask = self._shaped.get(key)
+        if mask is None:
+            mask = self.masks[index].to(dtype)
+            if spatial:
+                mask = mask.view(1, -1, 1, 1)
+            self._shaped[key] = mask
+        return mask
+
     def _output_hook(self, index: int):
         def hook(module, args, output):
             if self.masks is None:
                 return None
-            mask = self.masks[index].to(output.dtype)
-            if isinstance(module, (nn.Conv2d, nn.BatchNorm2d)):
-                return output * mask.view(1, -1, 1, 1)
-            return output * mask     # Linear: channels last
+            # Conv2d/BatchNorm2d: channels in dim 1; Linear: channels last
+            return output * self._shaped_mask(index, output.dtype, isinstance(module, (nn.Conv2d, nn.BatchNorm2d)))
         return hook
 
     def _layernorm_hook(self, index: int):

@@ -64,13 +64,14 @@ class PassSearchNetwork(nn.Module):
         return self.hypernet(self.prompt_image())
 
     def forward(self, images: torch.Tensor):
-        masks = [straight_through_mask(l) for l in self.logits()]
-        self.masks.set(masks)
+        # All groups at once: packed logits, one straight-through mask vector, per-group views of it.
+        masks = straight_through_mask(self.hypernet.packed_logits(self.prompt_image()))
+        self.masks.set(list(masks.split(self.hypernet.group_sizes)))
         try:
             out = self.classifier(images)
         finally:
             self.masks.set(None)   # never leave a stale (graph-holding) mask installed
-        ratio = self.flops.ratio([m.sum() for m in masks])
+        ratio = self.flops.ratio(self.hypernet.group_widths(masks))
         loss = budget_loss(ratio, self.target, self.loss_kind, self.loss_weight)
         self._last = {"mask_flops_ratio": ratio.detach(), "budget_loss": loss.detach()}
         return out, loss
