@@ -65,8 +65,8 @@ PIPELINE_SIZES = {
     "cuda": ["model=resnet18", "data.synthetic_image_size=64", "data.res=64", "data.synthetic_train_size=25600",
              "data.synthetic_val_size=2560", "data.batch_size=128", "engine.precision=bf16",
              "engine.channels_last=true"],
-    "cpu": ["model=resnet18", "data.synthetic_image_size=32", "data.res=32", "data.synthetic_train_size=128",
-            "data.synthetic_val_size=64", "data.batch_size=32", "data.num_workers=1", "data.jit=false",
+    "cpu": ["model=resnet18", "data.synthetic_image_size=32", "data.res=32", "data.synthetic_train_size=64",
+            "data.synthetic_val_size=32", "data.batch_size=32", "data.num_workers=1", "data.jit=false",
             "data.val_crop_ratio=1.0"],
 }
 EPOCHS = ["dense.epochs=1", "search.epochs=1", "finetune.epochs=1"]
