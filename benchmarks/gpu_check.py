@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from collections import Counter
 import io
 import json
 import math
@@ -191,11 +192,8 @@ def count_syncs(step, images, labels, steps: int) -> dict | None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     sync(images.device)
-    found = [str(w.message).splitlines()[0][:160] for w in caught if "synchroniz" in str(w.message)]
-    where = {}
-    for line in found:
-        where[line] = where.get(line, 0) + 1
-    return {"per_step": len(found) / steps, "steps": steps, "messages": dict(sorted(where.items())[:8])}
+    found = Counter(str(w.message).splitlines()[0][:160] for w in caught if "synchroniz" in str(w.message))
+    return {"per_step": found.total() / steps, "steps": steps, "messages": dict(found.most_common(8))}
 
 
 def step_measurements(device: str, say) -> dict:

@@ -56,14 +56,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.common import (TrainStep, argument_parser, load_average, machine_info, parse_args,  # noqa: E402
-                               pass_search_step, stage_config, write_report)
+                               pass_search_step, stage_config, vpns_search_step, write_report)
 from pruning.hypernet import budget_loss, straight_through_mask  # noqa: E402
-from pruning.scores import ScoreMasks  # noqa: E402
 from trainer.distributed import DistEnv  # noqa: E402
 from trainer.engines import DDPEngine  # noqa: E402
 from trainer.models import ImageClassifier, build_backbone, count_macs  # noqa: E402
-from trainer.stages.sources import make_prompt  # noqa: E402  (imports trainer.data, hence FFCV)
-from pruning.methods.unstructured import prompt_views  # noqa: E402
 
 
 # --------------------------------------------------------------------------- building the steps
@@ -91,18 +88,7 @@ def build_vpns(model_name: str, classes: int, res: int, batch: int, runs_dir: st
     cfg = stage_config(model_name, "vpns", device="cpu", res=res, batch=batch, runs_dir=runs_dir)
     engine = DDPEngine(cfg.engine, DistEnv())
     torch.manual_seed(cfg.seed)
-    prompt = make_prompt(cfg)
-    backbone = build_backbone(model_name, classes, res)
-    for p in backbone.parameters():
-        p.requires_grad_(False)
-    v = cfg.vpns
-    scores = ScoreMasks(backbone, cfg.pruning.density, threshold=v.threshold, exclude_first=v.exclude_first,
-                        exclude_classifier=v.exclude_classifier)
-    model = engine.prepare_module(ImageClassifier(backbone, prompt))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    step = TrainStep(cfg, engine, model, trainable, cfg.search, views=prompt_views(model, v.dual_step))
-    step.scores = scores
-    return step
+    return vpns_search_step(cfg, engine, build_backbone(model_name, classes, res))
 
 
 # --------------------------------------------------------------------------- components

@@ -294,7 +294,9 @@ def test_logging_steps_do_read_back(steps):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(CEILINGS))
 def test_aten_operations_per_step_do_not_regress(steps, kind):
-    """Per optimizer step, against the dense step of the same backbone (see CEILINGS)."""
+    """Per optimizer step, against the dense step of the same backbone (see CEILINGS; each ceiling is at or
+    below issue 19's target for its kind, so meeting it meets the target)."""
+    assert all(CEILINGS[k] <= TARGETS[k] for k in TARGETS), (CEILINGS, TARGETS)
     counter, per_batch = steps[kind]
     dense = steps["dense"][0].windows[MEASURED].ops
     ops = counter.windows[MEASURED].ops / per_batch
@@ -302,15 +304,6 @@ def test_aten_operations_per_step_do_not_regress(steps, kind):
     assert ops <= CEILINGS[kind] * dense, (f"{kind}: {ops:.0f} aten operations per optimizer step, "
                                            f"{ops / dense:.2f}x the dense step's {dense} (ceiling "
                                            f"{CEILINGS[kind]}x); most frequent: {top}")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", sorted(TARGETS))
-def test_aten_operations_per_step_meet_the_issue_targets(steps, kind):
-    counter, per_batch = steps[kind]
-    dense = steps["dense"][0].windows[MEASURED].ops
-    ops = counter.windows[MEASURED].ops / per_batch
-    assert ops <= TARGETS[kind] * dense, f"{kind}: {ops / dense:.2f}x the dense step (target {TARGETS[kind]}x)"
 
 
 @pytest.mark.slow
