@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Prepare everything the tests need; safe to re-run (each step is skipped when done).
 #   1. apt: FFCV build deps (pkg-config, OpenCV, libjpeg-turbo, a C++ compiler)
-#      + slurm-wlm/munge for the local single-node test cluster
+#      + slurm-wlm/munge for the local test clusters, iproute2 for the two-node one's network namespaces
 #   2. .venv (python3 -m venv)
 #   3. the project + pinned deps installed editable into it (pip install -e .)
 # No root / not Debian? See docs/install.md (SETUP_SKIP_APT=1 skips step 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(pkg-config libopencv-dev libturbojpeg0-dev g++ slurm-wlm munge)
+APT_PACKAGES=(pkg-config libopencv-dev libturbojpeg0-dev g++ slurm-wlm munge iproute2)
 VENV=.venv
 STAMP="$VENV/.setup-stamp"   # sha256 of pyproject.toml + constraints at the last successful install
 

@@ -57,7 +57,8 @@ def one_thread():
 # need no trained network (the other worker trains `dense_run` meanwhile), then the time-limit test, which
 # mostly waits on the scheduler.
 XDIST_GROUPS = {
-    "test_slurm.py": "slurm", "test_slurm_cluster.py": "slurm", "test_deepspeed.py": "deepspeed",
+    "test_slurm.py": "slurm", "test_slurm_cluster.py": "slurm", "test_slurm_multinode.py": "slurm",
+    "test_deepspeed.py": "deepspeed",
     "test_report.py": "report",                                               # test_report.py::sweep
     "test_vpns.py::test_unstructured_baselines": "unstructured",              # unstructured_sweep
     "test_pass.py::test_structured_baselines": "structured",                  # structured_sweep

@@ -70,6 +70,32 @@ def test_detect_env_torchrun_slurm_single():
     assert detect_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).source == "single"
 
 
+def test_node_count_and_the_rendezvous_line():
+    from trainer.distributed import rendezvous_line
+    slurm = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "5",
+             "SLURM_JOB_NUM_NODES": "2", "MASTER_ADDR": "localhost"}
+    assert detect_env(slurm).num_nodes == 2
+    assert detect_env({"RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "5", "LOCAL_WORLD_SIZE": "8"}).num_nodes == 2
+    assert detect_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}).num_nodes == 1
+    line = rendezvous_line(detect_env(slurm), {}, hostname="localhost")
+    assert line == "rank 1/2 on 2 nodes: rendezvous tcp://localhost:20005 (127.0.0.1), sockets: host localhost (127.0.0.1)"
+    assert rendezvous_line(detect_env(slurm), {"GLOO_SOCKET_IFNAME": "ib0", "NCCL_SOCKET_IFNAME": "ib0"}).endswith(
+        "sockets: GLOO_SOCKET_IFNAME=ib0, NCCL_SOCKET_IFNAME=ib0")
+
+
+def test_a_multi_node_job_whose_host_name_is_loopback_fails_naming_the_interface_variable():
+    """Debian's /etc/hosts maps the host's own name to 127.0.1.1: gloo would listen there, and the other nodes
+    would wait at the rendezvous until its 30-minute timeout. One node, or a pinned interface, is fine."""
+    from trainer.distributed import check_multi_node_network
+    two_nodes = detect_env({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
+    with pytest.raises(RuntimeError, match=r"'localhost' resolves to the loopback address 127\.0\.0\.1.*GLOO_SOCKET_IFNAME"):
+        check_multi_node_network(two_nodes, {}, hostname="localhost")
+    with pytest.raises(RuntimeError, match="does not resolve"):
+        check_multi_node_network(two_nodes, {}, hostname="no-such-host.invalid")
+    check_multi_node_network(two_nodes, {"GLOO_SOCKET_IFNAME": "eth0"}, hostname="localhost")
+    check_multi_node_network(detect_env({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}), {}, hostname="localhost")
+
+
 def test_topk_and_metrics_log(tmp_path):
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.05, 0.15], [0.2, 0.3, 0.5]])
     c1, c2 = topk_correct(logits, torch.tensor([1, 2, 0]), ks=(1, 2))

@@ -186,26 +186,88 @@ def test_image_batches_end_on_the_engine_device(synthetic_files, channels_last):
 
 
 def test_the_other_processes_wait_for_the_writer_by_polling_not_in_a_collective(tmp_path, monkeypatch):
-    """A non-writing process, told (by the broadcast) that the writer writes, polls for the manifest and says so;
-    it goes on once the writer has published it, and gives up after data.wait_minutes naming the setting."""
+    """A non-writing process, told by the broadcast that the writer writes (and which cache), polls for the
+    manifest and says so; it goes on once the writer has published it, and gives up after data.wait_minutes
+    naming the setting. Two threads play the two processes; the broadcast hands the writer's answer over."""
     import threading
+    import time
 
     import trainer.data.prepare as prepare
 
     monkeypatch.setattr(prepare, "_POLL_S", 0.02)
     d = load_config([*TINY, "data.synthetic_train_size=64", "data.synthetic_val_size=32",
                      f"data.beton_dir={tmp_path}"]).data
-    said, got = [], {}
+    said, got, sent, answered = [], {}, [], threading.Event()
+
+    def writers_broadcast(answer):  # returns once the other process waits: the order is then certain
+        sent.append(answer)
+        answered.set()
+        while not said and waiting.is_alive():
+            time.sleep(0.01)
+        return answer
+
+    def others_broadcast(_):
+        answered.wait(60)
+        return sent[0]
+
     waiting = threading.Thread(target=lambda: got.update(files=prepare_data(
-        d, is_writer=False, broadcast=lambda writes: True, log=lambda m: None, say_waiting=said.append)))
+        d, is_writer=False, broadcast=others_broadcast, log=lambda m: None, say_waiting=said.append)))
     waiting.start()
-    while not said:  # it waits: no manifest yet
-        waiting.join(0.01)
-    written = prepare_data(d, is_writer=True, log=lambda m: None)
+    written = prepare_data(d, is_writer=True, broadcast=writers_broadcast, log=lambda m: None)
     waiting.join(60)
     assert got["files"] == written and said[0].startswith("waiting for the main process to write"), said
+    assert sent[0]["writes"] and written.train.name.startswith(sent[0]["key"])
 
     d.beton_dir = str(tmp_path / "never_written")
     d.wait_minutes = 0.001
     with pytest.raises(DataError, match=r"did not finish writing the betons within data.wait_minutes=0.001"):
-        prepare_data(d, is_writer=False, broadcast=lambda writes: True, say_waiting=lambda m: None)
+        prepare_data(d, is_writer=False, broadcast=lambda _: sent[0], say_waiting=lambda m: None)
+
+
+def test_only_the_writer_lists_the_image_folder(tmp_path, monkeypatch):
+    """The other processes learn the cache key from the writer's broadcast and the classes and counts from its
+    manifest: they never list the tree (for ImageNet 1.28 M entries per process on a shared filesystem).
+    Here the tree is gone, and the scan function counts its calls, when the other process prepares; and a
+    tree the writer cannot use stops the other process too, with the writer's one line."""
+    import trainer.data.prepare as prepare
+
+    root = write_image_folder(tmp_path / "tree", per_class=5, num_classes=3, size=32)
+    d = load_config(["data=imagefolder", f"data.train_dir={root}", f"data.beton_dir={tmp_path / 'b'}",
+                     "data.val_fraction=0.2", "data.write_workers=1", "log.progress=false"]).data
+    sent, said = [], []
+    written = prepare_data(d, is_writer=True, broadcast=lambda a: sent.append(a) or a, log=said.append,
+                           progress=False)
+    assert [m for m in said if m.startswith(f"listed 15 images in 3 classes under {root}")], said
+    assert [m for m in said if "-train.beton: written 12/12 images in" in m], said  # the write's last line
+
+    scans = []
+    scan = prepare.scan_image_folder
+    monkeypatch.setattr(prepare, "scan_image_folder", lambda *a, **k: scans.append(a) or scan(*a, **k))
+    root.rename(tmp_path / "moved")  # listing it now fails: "no such directory"
+    other = prepare_data(d, is_writer=False, broadcast=lambda _: sent[0], log=lambda m: None, progress=False)
+    assert other == written and other.classes == ("class_0", "class_1", "class_2") and scans == []
+
+    with pytest.raises(DataError, match="no such directory") as writers:
+        prepare_data(d, is_writer=True, broadcast=lambda a: sent.append(a) or a, log=lambda m: None)
+    with pytest.raises(DataError) as others:
+        prepare_data(d, is_writer=False, broadcast=lambda _: sent[-1], log=lambda m: None)
+    assert str(others.value) == str(writers.value) and len(scans) == 1  # the writer's scan only
+
+
+def test_the_write_progress_says_images_per_second_and_the_time_left():
+    """The beton writer's progress lines (FFCV's own bar is one carriage-returned line in a SLURM log), from a
+    fake clock: a line every 30 s at the average rate since the start, and one at the end."""
+    from trainer.data.write_progress import WriteProgress
+
+    now, lines = [1000.0], []
+    progress = WriteProgress(100_000, lines.append, label="a-train.beton: ", every_s=30, clock=lambda: now[0])
+    for t, done in ((10, 1000), (30, 3000), (45, 4500), (61, 6100), (3000, 99_000)):
+        now[0] = 1000.0 + t
+        progress.update(done - progress.done)
+    now[0] = 1000.0 + 3600 * 1.5
+    progress.update(1000)
+    progress.close()
+    assert lines == ["a-train.beton: written 3000/100000 images, 100 img/s, ETA 16:10",
+                     "a-train.beton: written 6100/100000 images, 100 img/s, ETA 15:39",  # 31 s after the first
+                     "a-train.beton: written 99000/100000 images, 33 img/s, ETA 00:30",
+                     "a-train.beton: written 100000/100000 images in 1:30:00, 19 img/s"]

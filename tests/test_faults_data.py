@@ -36,8 +36,22 @@ def _cfg(root: Path, betons: Path, *extra: str):
                         "data.val_fraction=0.25", "data.num_workers=1", "log.progress=false", *extra]).data
 
 
+_SENT: dict[str, object] = {}  # the writer's last broadcast per cache folder
+
+
+def _broadcast(d, is_writer: bool):
+    """The job's broadcast, played in one process: the writer's answer (cache key, whether it writes) is kept,
+    and a later call as another process of that job (`is_writer=False`) receives it."""
+    def broadcast(answer):
+        if is_writer:
+            _SENT[d.beton_dir] = answer
+        return _SENT[d.beton_dir]
+    return broadcast
+
+
 def _prepare(d, log=None, is_writer=True):
-    return prepare_data(d, is_writer=is_writer, log=log or (lambda m: None), progress=False)
+    return prepare_data(d, is_writer=is_writer, broadcast=_broadcast(d, is_writer), log=log or (lambda m: None),
+                        progress=False)
 
 
 @contextlib.contextmanager
@@ -153,7 +167,7 @@ def test_skip_leaves_undecodable_images_out_after_the_split(tmp_path):
     bad = str(_truncated_jpeg(root / "class_1" / "truncated.jpg"))
     said = []
     # two processes: the check before writing decodes in parallel
-    files = _prepare(_cfg(root, tmp_path / "b", "data.bad_images=skip", "data.num_workers=2"), log=said.append)
+    files = _prepare(_cfg(root, tmp_path / "b", "data.bad_images=skip", "data.write_workers=2"), log=said.append)
     assert files.num_train + files.num_val == 8
     manifest = json.loads(files.train.with_name(files.train.name.replace("-train.beton", ".json")).read_text())
     assert [b["path"] for b in manifest["bad_images"]] == [bad]
@@ -205,14 +219,16 @@ def test_an_eval_beton_is_checked_too(tmp_path):
     val = write_image_folder(tmp_path / "val", per_class=2, num_classes=2)
     _truncated_jpeg(val / "class_0" / "truncated.jpg")
     d = _cfg(val, tmp_path / "b", f"data.val_dir={val}", "data.bad_images=skip")
-    files = prepare_eval_data(d, ("class_0", "class_1"), is_writer=True, log=lambda m: None, progress=False)
+    files = prepare_eval_data(d, ("class_0", "class_1"), is_writer=True, broadcast=_broadcast(d, True),
+                              log=lambda m: None, progress=False)
     assert files.num_val == 4 and len(_beton_images(files.val)) == 4
     manifest = json.loads(files.val.with_name(files.val.name.replace("-val.beton", ".json")).read_text())
     assert [Path(b["path"]).name for b in manifest["bad_images"]] == ["truncated.jpg"]
     with open(files.val, "r+b") as f:
         f.write(b"\xff" * 8)  # the header
     with pytest.raises(DataError, match=rf"^{re.escape(str(files.val))}: damaged .beton \(the checksum"):
-        prepare_eval_data(d, ("class_0", "class_1"), is_writer=False, log=lambda m: None)
+        prepare_eval_data(d, ("class_0", "class_1"), is_writer=False, broadcast=_broadcast(d, False),
+                          log=lambda m: None)
 
 
 def test_a_manifest_from_before_the_checks_is_accepted(tmp_path):

@@ -25,11 +25,14 @@ def _args(runs, beton_dir, *extra):
     return pass_args(runs, beton_dir, "log.every_steps=1", *extra)
 
 
-def _submit(cluster, args, step_delay: float = 0, fresh_only: bool = False) -> subprocess.CompletedProcess:
+def _submit(cluster, args, step_delay: float = 0, fresh_only: bool = False, **job_env: str) -> subprocess.CompletedProcess:
     """Submit through the real command line. `step_delay`: seconds every training step of the jobs sleeps,
     so that a signal, a cancel or a time limit lands mid-run however fast the machine is; `fresh_only`: only
-    in a job that starts from scratch (a resumed one runs at full speed)."""
-    env = {**cluster.env, STEP_DELAY_ENV: str(step_delay)} if step_delay else cluster.env
+    in a job that starts from scratch (a resumed one runs at full speed); `job_env`: more variables for the
+    jobs (sbatch exports the submitting environment)."""
+    env = {**cluster.env, **job_env}
+    if step_delay:
+        env[STEP_DELAY_ENV] = str(step_delay)
     if fresh_only:
         env = {**env, STEP_DELAY_FRESH_ONLY_ENV: "1"}
     out = launch([*CLUSTER, *args], env=env, timeout=120)  # the test's own cluster.* keys win
@@ -102,24 +105,20 @@ def test_search_job_completes_and_a_relaunch_is_a_no_op(slurm_cluster, dense_run
     assert len(_jobs(run)) == 1  # nothing new was submitted
 
 
-@pytest.mark.parametrize("preempt", ["signal", "partition"])
 def test_preempted_search_requeues_resumes_and_matches_an_uninterrupted_run(slurm_cluster, dense_run, pass_run,
-                                                                            tmp_path, beton_dir, preempt):
-    """signal: what submitit's job._interrupt() sends (SIGTERM, then SIGUSR2). partition: real preemption,
-    a whole-node job in the higher-priority partition (SLURM signals, then requeues by PreemptMode=REQUEUE).
-    The reference is pass_run's search: the same settings, uninterrupted, here."""
+                                                                            tmp_path, beton_dir):
+    """The signals submitit's job._interrupt() sends (SIGTERM, then SIGUSR2). Real preemption, by a job of the
+    higher-priority partition (SLURM signals, then requeues by PreemptMode=REQUEUE), is what the two-node
+    test preempts (tests/test_slurm_multinode.py). The reference is pass_run's search: the same settings,
+    uninterrupted, here."""
     extra = ["stage=search", "checkpoint.every_steps=3"]
     runs = copy_dense(dense_run, tmp_path / "b")
     run = runs / "r"
     _submit(slurm_cluster, _args(runs, beton_dir, *extra), step_delay=0.5)  # 20 steps: >= 10 s of training
     job_id = _jobs(run)[0]["job_id"]
     _wait(slurm_cluster, _reached_step(run, "search", 4), "search step 4", run)  # after the step-3 checkpoint
-    if preempt == "signal":
-        for sig in ("TERM", "USR2"):
-            subprocess.run(["scancel", f"--signal={sig}", job_id], env=slurm_cluster.env, check=True)
-    else:
-        slurm_cluster.sbatch("-p", slurm_cluster.preempt_partition, "-c", str(slurm_cluster.cpus),
-                             "--output=/dev/null", "--wrap", "sleep 3")
+    for sig in ("TERM", "USR2"):
+        subprocess.run(["scancel", f"--signal={sig}", job_id], env=slurm_cluster.env, check=True)
     _wait(slurm_cluster, _done(run, "search"), "the requeued search's result", run)
 
     state = _state(run, "search")

@@ -54,6 +54,8 @@ class DataConfig:
     min_crop_scale: float = _f(0.35, "lower bound of the random-resized-crop area fraction (upper bound is 1)")
     batch_size: int = _f(128, "GLOBAL batch size, split evenly over the processes")
     num_workers: int = _f(2, "FFCV decoding threads per process")
+    write_workers: Optional[int] = _f(None, "processes that write the .beton cache and check images (none: every "
+                                            "core this process may run on, e.g. SLURM's cpus_per_task)")
     jit: bool = _f(True, "numba-compile FFCV's decoding (GIL-free threads; ~8 s per loader to compile). false: the "
                          "same batches decoded in plain Python, no compile: for tiny images and tests")
     beton_dir: str = _f("~/.cache/vp-prune/betons", "where .beton files are written and cached")

@@ -36,6 +36,8 @@ def validate_config(cfg: DictConfig) -> None:
     _require(d.res >= 16, f"data.res={d.res}: must be at least 16")
     _require(d.batch_size >= 1, f"data.batch_size={d.batch_size}: must be at least 1")
     _require(d.num_workers >= 1, f"data.num_workers={d.num_workers}: must be at least 1")
+    _require(d.write_workers is None or d.write_workers >= 1,
+             f"data.write_workers={d.write_workers}: must be at least 1 (or null: every core)")
     _require(d.wait_minutes > 0, f"data.wait_minutes={d.wait_minutes}: must be positive")
     _require(0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction}: must be in (0, 1)")
     _require(0 < d.val_crop_ratio <= 1, f"data.val_crop_ratio={d.val_crop_ratio}: must be in (0, 1]")

@@ -21,6 +21,7 @@ from ffcv.types import HeaderType
 from ffcv.writer import DatasetWriter
 
 from .imagefolder import DataError
+from .write_progress import ffcv_progress
 
 TEMP_GLOB = ".*.beton.*.tmp"  # the temporary files of write_beton, of every beton in a directory
 
@@ -121,8 +122,12 @@ def _publish(tmp: Path, path: Path) -> None:
 
 
 def write_beton(dataset, path: Path, field: RGBImageField, num_workers: int,
-                log: Callable[[str], None] | None = None) -> Path:
-    """Write (image, label, index) records to `path`; a crash never leaves a half file there.
+                log: Callable[[str], None] | None = None, bar: bool = False) -> Path:
+    """Write (image, label, index) records to `path` with `num_workers` processes; a crash never leaves a half
+    file there.
+
+    Progress goes to `log`: images written, images/s and the time left, every 30 s and at the end
+    (write_progress.py); `bar`: a tqdm bar instead of the periodic lines where stderr is a terminal.
 
     The `index` field is the record's position in the file: it lets tests check
     which samples each rank saw, and evaluation count every sample exactly once.
@@ -136,7 +141,8 @@ def write_beton(dataset, path: Path, field: RGBImageField, num_workers: int,
     try:
         writer = DatasetWriter(str(tmp), {"image": field, "label": IntField(), "index": IntField()},
                                num_workers=num_workers)
-        writer.from_indexed_dataset(dataset, chunksize=64)
+        with ffcv_progress(log, label=f"{path.name}: ", bar=bar):
+            writer.from_indexed_dataset(dataset, chunksize=64)
         getattr(dataset, "raise_if_failed", lambda: None)()
         _publish(tmp, path)
     finally:

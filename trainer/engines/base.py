@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from ..distributed import DistEnv
+from ..distributed import DistEnv, check_multi_node_network, rendezvous_line
 
 # The process group lives as long as the process: a local sweep under torchrun runs its points one after
 # another in the same processes, and destroying and re-creating the group between them races (a process
@@ -127,6 +127,8 @@ class Engine(ABC):
         return "nccl" if self.device.type == "cuda" else "gloo"
 
     def _init_process_group(self) -> None:
+        check_multi_node_network(self.env)
+        print(rendezvous_line(self.env), flush=True)
         dist.init_process_group(self._backend(), init_method=f"tcp://{self.env.master_addr}:{self.env.master_port}",
                                 rank=self.rank, world_size=self.world_size,
                                 timeout=datetime.timedelta(minutes=30))
