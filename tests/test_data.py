@@ -239,6 +239,8 @@ def test_only_the_writer_lists_the_image_folder(tmp_path, monkeypatch):
                            progress=False)
     assert [m for m in said if m.startswith(f"listed 15 images in 3 classes under {root}")], said
     assert [m for m in said if "-train.beton: written 12/12 images in" in m], said  # the write's last line
+    # A process alone that only reads (the default broadcast answers nothing) lists the tree itself.
+    assert prepare_data(d, is_writer=False, log=lambda m: None, progress=False) == written
 
     scans = []
     scan = prepare.scan_image_folder

@@ -143,8 +143,8 @@ def _paths(beton_dir: Path, key: str, parts) -> tuple[Path, dict[str, Path]]:
     return beton_dir / f"{key}.json", {part: beton_dir / f"{key}-{part}.beton" for part in parts}
 
 
-def _agree(planned: _Plan | DataError | None, beton_dir: Path, parts: tuple[str, ...], is_writer: bool,
-           broadcast) -> tuple[dict, dict]:
+def _agree(planned: _Plan | DataError | None, plan_alone: Callable[[], _Plan | DataError], beton_dir: Path,
+           parts: tuple[str, ...], is_writer: bool, broadcast) -> tuple[dict, dict]:
     """The writer's answer, the same on every process after one quick broadcast: the cache key, whether the
     writer (re)writes that cache now, and its plan's `extra`; with, on the writer, the fingerprints the old
     manifest recorded.
@@ -153,6 +153,10 @@ def _agree(planned: _Plan | DataError | None, beton_dir: Path, parts: tuple[str,
     removes an incomplete cache's manifest before it answers, so that a waiting process can never take the
     old manifest for the new one. A plan that failed (an empty class folder, no such directory) is the
     answer too: every process then stops with the writer's one line instead of waiting for it.
+
+    A non-writer that gets no answer (broadcast None: the default broadcast, one process that only reads an
+    existing cache, such as an export check) is alone: it makes the plan itself (`plan_alone`) and writes
+    nothing. In a job, the engine's broadcast always carries rank 0's answer.
     """
     answer, known = None, {}
     if is_writer and isinstance(planned, DataError):
@@ -165,6 +169,10 @@ def _agree(planned: _Plan | DataError | None, beton_dir: Path, parts: tuple[str,
             manifest.unlink(missing_ok=True)
         answer = {"key": planned.key, "writes": writes, **planned.extra}
     answer = broadcast(answer)
+    if answer is None and not is_writer:
+        planned = plan_alone()
+        answer = {"error": str(planned)} if isinstance(planned, DataError) else \
+            {"key": planned.key, "writes": False, **planned.extra}
     if not isinstance(answer, dict):
         raise RuntimeError("prepare_data: no answer from the writing process; `broadcast` must give every "
                            "process the object of the process with is_writer (rank 0)")
@@ -186,10 +194,12 @@ def _write_cache(plan: _Plan, manifest: Path, files: dict[str, Path], known: dic
                                "betons": betons})
 
 
-def _settle(planned, beton_dir: Path, parts: tuple[str, ...], d: DictConfig, is_writer: bool, broadcast, log,
-            progress: bool, say_waiting) -> tuple[dict, Path, dict[str, Path]]:
-    """Agree on the cache, write it (the writer) or wait for it (the others, when it is being written)."""
-    answer, known = _agree(planned, beton_dir, parts, is_writer, broadcast)
+def _settle(plan: Callable[[], _Plan | DataError], beton_dir: Path, parts: tuple[str, ...], d: DictConfig,
+            is_writer: bool, broadcast, log, progress: bool, say_waiting) -> tuple[dict, Path, dict[str, Path]]:
+    """Agree on the cache, write it (the writer) or wait for it (the others, when it is being written).
+    `plan`: the writer's plan, made by the writer only (and by a process alone, see `_agree`)."""
+    planned = plan() if is_writer else None
+    answer, known = _agree(planned, plan, beton_dir, parts, is_writer, broadcast)
     manifest, files = _paths(beton_dir, answer["key"], parts)
     if answer["writes"] and is_writer:
         _write_cache(planned, manifest, files, known, d, log, progress)
@@ -321,12 +331,15 @@ def prepare_data(d: DictConfig, *, is_writer: bool, broadcast: Callable[[object]
     it. Every process checks the files against their manifest (a damaged cache file fails in one line
     naming it). `progress`: bars for data.bad_images=skip's check of every image and for the writes, where a
     terminal shows them; the writes otherwise log images/s and the time left every 30 s.
+    `is_writer=False` with the default broadcast is a process alone that reads an existing cache: it lists
+    the tree itself to find the key, and writes nothing.
     """
     beton_dir = Path(d.beton_dir).expanduser()
-    planned = None
-    if is_writer:
-        planned = _planned(lambda: _synthetic_plan(d) if d.name == "synthetic" else _imagefolder_plan(d, log))
-    _, manifest, files = _settle(planned, beton_dir, ("train", "val"), d, is_writer, broadcast, log, progress,
+
+    def plan():
+        return _planned(lambda: _synthetic_plan(d) if d.name == "synthetic" else _imagefolder_plan(d, log))
+
+    _, manifest, files = _settle(plan, beton_dir, ("train", "val"), d, is_writer, broadcast, log, progress,
                                  say_waiting)
     info = _read_checked(manifest, files.values())
     return DataFiles(files["train"], files["val"], tuple(info["classes"]), info["num_train"], info["num_val"])
@@ -355,9 +368,11 @@ def prepare_eval_data(d: DictConfig, classes: tuple[str, ...], *, is_writer: boo
     written and checked like prepare_data's: only the writer lists `d.val_dir`. A beton cached before such
     manifests is used unchecked.
     """
-    planned = _planned(lambda: _eval_plan(d, tuple(classes), log)) if is_writer else None
-    answer, manifest, files = _settle(planned, Path(d.beton_dir).expanduser(), ("val",), d, is_writer, broadcast,
-                                      log, progress, say_waiting)
+    def plan():
+        return _planned(lambda: _eval_plan(d, tuple(classes), log))
+
+    answer, manifest, files = _settle(plan, Path(d.beton_dir).expanduser(), ("val",), d, is_writer, broadcast, log,
+                                      progress, say_waiting)
     path = files["val"]
     if _read_manifest(manifest) is None and path.exists():  # written before eval betons had manifests
         return DataFiles(None, path, tuple(classes), 0, answer["count"])
