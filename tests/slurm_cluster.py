@@ -111,17 +111,24 @@ class SlurmCluster:
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
             self.started_munged = ensure_munged()
             hardware = node_hardware()
-            self.node, self.cpus = hardware["NodeName"], int(hardware["CPUs"])
-            self.memory_mb = int(hardware["RealMemory"])
+            self.cpus, self.memory_mb = int(hardware["CPUs"]), int(hardware["RealMemory"])
+            self._lay_out(hardware)
             self.conf.write_text(self._slurm_conf(hardware, *free_ports(2)))
             self._start_daemon("slurmctld")
-            self._start_daemon("slurmd")
-            self.wait_for(self._node_idle, self.startup_timeout, f"node {self.node} to become idle",
+            self._start_slurmds()
+            self.wait_for(self._node_idle, self.startup_timeout, f"node(s) {self.node} to become idle",
                           on_timeout=self._daemon_logs)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _lay_out(self, hardware: dict[str, str]) -> None:
+        """Name the node(s) and make what they need before slurm.conf is written: here, this machine."""
+        self.node = hardware["NodeName"]
+
+    def _start_slurmds(self) -> None:
+        self._start_daemon("slurmd")
 
     def stop(self, remove: bool = False) -> None:
         """Cancel every job, stop slurmd and slurmctld, and stop munged if start() started it.

@@ -22,7 +22,6 @@ unprivileged containers).
 """
 from __future__ import annotations
 
-import atexit
 import fcntl
 import os
 import re
@@ -32,8 +31,7 @@ from typing import Iterator
 
 import pytest
 
-from slurm_cluster import (SlurmCluster, SlurmError, ensure_munged, free_ports, node_hardware, session_cluster,
-                           slurm_unavailable_reason, which)
+from slurm_cluster import SlurmCluster, SlurmError, session_cluster, slurm_unavailable_reason, which
 
 NODES = ("testnode1", "testnode2")
 SUBNET_PREFIX = "198.18"  # RFC 2544: reserved for network tests, never routed
@@ -142,29 +140,17 @@ class TwoNodeSlurmCluster(SlurmCluster):
         self.nodes = NODES
         self.network = TestNetwork(NODES)
 
-    def start(self) -> "TwoNodeSlurmCluster":
-        self._running = True
-        atexit.register(self.stop)
-        try:
-            (self.root / "state").mkdir(parents=True, exist_ok=True)
-            for node in self.nodes:
-                (self.root / "spool" / node).mkdir(parents=True, exist_ok=True)
-            self.started_munged = ensure_munged()
-            hardware = node_hardware()
-            self.cpus, self.memory_mb = int(hardware["CPUs"]), int(hardware["RealMemory"])
-            self.node = f"testnode[1-{len(self.nodes)}]"
-            self.network.create()
-            self._write_name_files(hardware["NodeName"])
-            self.conf.write_text(self._slurm_conf(hardware, *free_ports(2)))
-            self._start_daemon("slurmctld")
-            for node in self.nodes:
-                self._start_daemon(f"slurmd.{node}", self._inside(node))
-            self.wait_for(self._node_idle, self.startup_timeout, f"nodes {self.node} to become idle",
-                          on_timeout=self._daemon_logs)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+    def _lay_out(self, hardware: dict[str, str]) -> None:
+        """The nodes' spool folders, the network, and the name files bound into each node."""
+        for node in self.nodes:
+            (self.root / "spool" / node).mkdir(parents=True, exist_ok=True)
+        self.node = f"testnode[1-{len(self.nodes)}]"
+        self.network.create()
+        self._write_name_files(hardware["NodeName"])
+
+    def _start_slurmds(self) -> None:
+        for node in self.nodes:
+            self._start_daemon(f"slurmd.{node}", self._inside(node))
 
     def stop(self, remove: bool = False) -> None:
         super().stop(remove)
